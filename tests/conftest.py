@@ -1,0 +1,172 @@
+"""Session fixtures over the real local stack, with isolation per test.
+
+The stack is the one ``make infra-up`` runs (or whatever KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL
+and REDIS_URL point at). With ``TOKVEL_TESTCONTAINERS=1`` and a reachable Docker engine, the
+three services are started with testcontainers instead.
+
+Isolation: each test gets its own Kafka topics (a unique prefix, via the ``topic_prefix``
+setting), its own PostgreSQL database (cloned from a migrated template) and a flushed Redis
+database of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from pydantic import SecretStr
+from redis.asyncio import Redis
+
+from tokvel_common.db.migrate import apply_migrations
+from tokvel_common.settings import CommonSettings
+from tokvel_common.topics import TOPICS, prefixed
+
+TEMPLATE_DB = "tokvel_test_template"
+TEST_REDIS_DB = 9
+
+
+def _with_database(dsn: str, database: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{database}"))
+
+
+def _testcontainers_env() -> Iterator[dict[str, str]]:
+    """Start Kafka, PostgreSQL and Redis containers; yields their connection settings."""
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.postgres import PostgresContainer
+    from testcontainers.redis import RedisContainer
+
+    with (
+        KafkaContainer().with_kraft() as kafka,
+        PostgresContainer("postgres:15", driver=None) as postgres,
+        RedisContainer("redis:7") as redis,
+    ):
+        yield {
+            "KAFKA_BOOTSTRAP_SERVERS": kafka.get_bootstrap_server(),
+            "DATABASE_URL": postgres.get_connection_url(),
+            "REDIS_URL": f"redis://{redis.get_container_host_ip()}:{redis.get_exposed_port(6379)}/0",
+        }
+
+
+@pytest.fixture(scope="session")
+def stack_env() -> Iterator[dict[str, str]]:
+    if os.environ.get("TOKVEL_TESTCONTAINERS") == "1":
+        yield from _testcontainers_env()
+    else:
+        yield {}
+
+
+@pytest.fixture(scope="session")
+def settings(stack_env: dict[str, str]) -> CommonSettings:
+    overrides: dict[str, object] = {k.lower(): v for k, v in stack_env.items()}
+    return CommonSettings.model_validate(overrides)
+
+
+@pytest.fixture(scope="session")
+async def template_database(settings: CommonSettings) -> str:
+    """A database with every migration applied, cloned by each test that needs PostgreSQL."""
+    admin_dsn = settings.database_url.get_secret_value()
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+    finally:
+        await conn.close()
+    template = await asyncpg.connect(_with_database(admin_dsn, TEMPLATE_DB))
+    try:
+        await apply_migrations(template)
+    finally:
+        await template.close()
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+async def database_url(settings: CommonSettings, template_database: str) -> AsyncIterator[str]:
+    admin_dsn = settings.database_url.get_secret_value()
+    name = f"tokvel_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    finally:
+        await conn.close()
+    yield _with_database(admin_dsn, name)
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def empty_database_url(settings: CommonSettings) -> AsyncIterator[str]:
+    """A database with nothing in it (for migration tests)."""
+    admin_dsn = settings.database_url.get_secret_value()
+    name = f"tokvel_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    yield _with_database(admin_dsn, name)
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def topic_prefix(settings: CommonSettings) -> AsyncIterator[str]:
+    """A unique topic prefix with the four tokvel topics created under it."""
+    prefix = f"test-{uuid.uuid4().hex[:10]}."
+    names = [prefixed(prefix, spec.name) for spec in TOPICS]
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(
+                    prefixed(prefix, spec.name),
+                    num_partitions=spec.partitions,
+                    replication_factor=1,
+                    topic_configs=spec.config,
+                )
+                for spec in TOPICS
+            ]
+        )
+        yield prefix
+        await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def test_settings(
+    settings: CommonSettings, topic_prefix: str, database_url: str, redis_url: str
+) -> CommonSettings:
+    """Settings for one test: its own topics, database and Redis database."""
+    return settings.model_copy(
+        update={
+            "topic_prefix": topic_prefix,
+            "database_url": SecretStr(database_url),
+            "redis_url": SecretStr(redis_url),
+        }
+    )
+
+
+@pytest.fixture
+async def redis_url(settings: CommonSettings) -> AsyncIterator[str]:
+    """A Redis database of its own, empty at the start and flushed at the end."""
+    base = settings.redis_url.get_secret_value()
+    url = urlunsplit(urlsplit(base)._replace(path=f"/{TEST_REDIS_DB}"))
+    client = Redis.from_url(url)
+    try:
+        await client.flushdb()
+        yield url
+        await client.flushdb()
+    finally:
+        await client.aclose()
