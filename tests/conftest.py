@@ -11,6 +11,7 @@ database of its own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -119,6 +120,21 @@ async def empty_database_url(settings: CommonSettings) -> AsyncIterator[str]:
         await conn.close()
 
 
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str]) -> None:
+    """New topics answer NotLeader until every partition has a leader: wait for that."""
+    async with asyncio.timeout(30):
+        while True:
+            described = await admin.describe_topics(topics)
+            if all(
+                t["error_code"] == 0
+                and t["partitions"]
+                and all(p["leader"] >= 0 for p in t["partitions"])
+                for t in described
+            ):
+                return
+            await asyncio.sleep(0.1)
+
+
 @pytest.fixture
 async def topic_prefix(settings: CommonSettings) -> AsyncIterator[str]:
     """A unique topic prefix with the four tokvel topics created under it."""
@@ -138,6 +154,7 @@ async def topic_prefix(settings: CommonSettings) -> AsyncIterator[str]:
                 for spec in TOPICS
             ]
         )
+        await _wait_for_leaders(admin, names)
         yield prefix
         await admin.delete_topics(names)
     finally:

@@ -24,7 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (run_cmd, migrate_cmd, infra_cmd):
         module.register(subparsers)
     for entry_point in sorted(entry_points(group=COMMANDS_ENTRY_POINT_GROUP), key=lambda e: e.name):
-        entry_point.load()(subparsers)
+        try:
+            register = entry_point.load()
+        except ImportError as exc:
+            # One broken service package must not take `tokvel infra` or `migrate` down with it.
+            sys.stderr.write(f"tokvel: command {entry_point.name!r} unavailable: {exc}\n")
+            continue
+        register(subparsers)
     return parser
 
 

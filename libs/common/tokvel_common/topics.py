@@ -10,7 +10,7 @@ METRICS = "token.metrics"
 METRICS_LATEST = "token.metrics.latest"
 # Token metadata from CMC's /v2/cryptocurrency/info, refreshed daily by the ingestor, persisted
 # into `tokens` by the writer; compacted so a new writer finds the latest of every token.
-TOKEN_INFO = "cmc.tokens.info"
+TOKEN_INFO = "cmc.tokens.info"  # noqa: S105 - a topic name, not a credential
 
 
 @dataclass(frozen=True)
