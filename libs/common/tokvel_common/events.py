@@ -112,6 +112,10 @@ class RawQuote(CmcListingEntry):
     polled_at: UtcDatetime
     source: str
     poll_id: str
+    # `status.timestamp` of the CMC answer that carried the entry (for a backfilled recording,
+    # its snapshot time): the event-time "now" that freshness is measured against, so a replay
+    # scores exactly as living through the same data did. None when the source had none.
+    listed_at: UtcDatetime | None = None
 
 
 class TokenInfo(_Lenient):
