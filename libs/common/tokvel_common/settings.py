@@ -53,3 +53,11 @@ class CommonSettings(BaseSettings):
         default="", description="Prefix for every Kafka topic name (test isolation)."
     )
     log_level: LogLevel = "INFO"
+
+
+def settings_epilog(settings_class: type[CommonSettings]) -> str:
+    """The environment variables a command reads, for its ``--help``."""
+    lines = ["settings (environment variables):"]
+    for name, field in settings_class.model_fields.items():
+        lines.append(f"  {name.upper():36} {field.description or ''}")
+    return "\n".join(lines)
