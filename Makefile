@@ -9,7 +9,8 @@ UV     := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_ARGS ?=
 
 .PHONY: help setup lint fmt infra-up infra-down infra-status infra-reset migrate \
-        test test-unit test-integration test-e2e demo
+        test test-unit test-integration test-e2e demo schemas bench-velocity \
+        bench-writer redis-cluster-up redis-cluster-down
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -55,6 +56,22 @@ test-integration: infra-up ## one adapter at a time against the real services
 
 test-e2e: infra-up ## the whole stack from outside
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+schemas: setup ## regenerate the checked-in JSON Schemas of the Kafka messages
+	$(PY) -m tokvel_common.schema_export
+
+bench-velocity: infra-up ## quotes/s of one velocity worker vs a bare Faust agent, state memory
+	$(PY) bench/velocity_throughput.py
+	$(PY) bench/velocity_state_memory.py
+
+bench-writer: infra-up ## rows/s of one writer vs raw COPY into the same table, same run
+	$(PY) bench/writer_throughput.py
+
+redis-cluster-up: setup ## a private 3-master Redis Cluster on 127.0.0.1:36380-36382 (tests start it too)
+	$(PY) -m tokvel_common.infra.redis_cluster up
+
+redis-cluster-down: setup ## stop the nodes redis-cluster-up started
+	$(PY) -m tokvel_common.infra.redis_cluster down
 
 demo: ## the one-command demo (arrives with the whole-system issue)
 	@echo "make demo is not built yet: it arrives with the whole-system issue (#18)." >&2; exit 2

@@ -109,6 +109,7 @@ async def test_redis_answers_with_append_only_persistence(infra_env: dict[str, s
         assert await client.ping() is True
         assert await client.config_get("appendonly") == {"appendonly": "yes"}
         assert await client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert await client.config_get("maxmemory-policy") == {"maxmemory-policy": "volatile-lru"}
     finally:
         await client.aclose()
 

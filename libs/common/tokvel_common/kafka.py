@@ -27,8 +27,13 @@ def create_consumer(
     group_id: str | None,
     client_id: str,
     auto_offset_reset: str = "earliest",
+    session_timeout_ms: int = 10_000,
 ) -> AIOKafkaConsumer:
-    """Consumer with manual commits: offsets move only after the work they cover is durable."""
+    """Consumer with manual commits: offsets move only after the work they cover is durable.
+
+    ``session_timeout_ms`` is how long a dead member keeps its partitions before the group
+    rebalances them to the survivors.
+    """
     return AIOKafkaConsumer(
         *topics,
         bootstrap_servers=bootstrap_servers,
@@ -37,4 +42,6 @@ def create_consumer(
         enable_auto_commit=False,
         auto_offset_reset=auto_offset_reset,
         isolation_level="read_committed",
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=session_timeout_ms // 3,
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 
 RedisClient = Redis | RedisCluster  # both typed as returning bytes (no decode_responses)
+RedisPipeline = Pipeline | ClusterPipeline
 
 # A slow Redis must never stall a request: callers fall back to PostgreSQL after this.
 DEFAULT_SOCKET_TIMEOUT_SECONDS = 0.5

@@ -70,6 +70,10 @@ def config(paths: RedisPaths) -> str:
         ("appendonly", "yes"),
         ("appendfsync", "everysec"),
         ("save", '""'),
+        # Production shape (see tokvel_common.cache): under pressure only keys with a TTL are
+        # evicted, so un-expiring keys such as ws_subs:* survive.
+        ("maxmemory", "512mb"),
+        ("maxmemory-policy", "volatile-lru"),
         ("tcp-keepalive", "60"),
         ("always-show-logo", "no"),
         ("set-proc-title", "yes"),
