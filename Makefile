@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: help setup lint fmt infra-up infra-down infra-status infra-reset migrate \
         test test-unit test-integration test-e2e demo schemas bench-velocity \
-        bench-writer redis-cluster-up redis-cluster-down
+        bench-writer redis-cluster-up redis-cluster-down up down status logs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -73,5 +73,17 @@ redis-cluster-up: setup ## a private 3-master Redis Cluster on 127.0.0.1:36380-3
 redis-cluster-down: setup ## stop the nodes redis-cluster-up started
 	$(PY) -m tokvel_common.infra.redis_cluster down
 
-demo: ## the one-command demo (arrives with the whole-system issue)
-	@echo "make demo is not built yet: it arrives with the whole-system issue (#18)." >&2; exit 2
+demo: setup ## infra, migrations, a demo API key, the whole stack on the recorded data; prints URLs
+	$(TOKVEL) demo
+
+up: setup ## every service in the background, supervised, settings from the environment
+	$(TOKVEL) up
+
+down: setup ## stop the services `make up` / `make demo` started (the infrastructure stays)
+	$(TOKVEL) down
+
+status: setup ## each service: pid, state, restarts, last exit, URL
+	$(TOKVEL) status
+
+logs: setup ## the services' logs; SERVICE=name for one, FOLLOW=1 to follow
+	$(TOKVEL) logs $(SERVICE) $(if $(FOLLOW),-f)

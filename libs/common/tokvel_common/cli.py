@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-from tokvel_common.commands import infra_cmd, migrate_cmd, run_cmd
+from tokvel_common.commands import infra_cmd, migrate_cmd, run_cmd, stack_cmd
 
 COMMANDS_ENTRY_POINT_GROUP = "tokvel.commands"
 
@@ -21,7 +21,7 @@ COMMANDS_ENTRY_POINT_GROUP = "tokvel.commands"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokvel", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (run_cmd, migrate_cmd, infra_cmd):
+    for module in (run_cmd, migrate_cmd, infra_cmd, stack_cmd):
         module.register(subparsers)
     for entry_point in sorted(entry_points(group=COMMANDS_ENTRY_POINT_GROUP), key=lambda e: e.name):
         try:

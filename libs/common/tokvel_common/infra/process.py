@@ -111,7 +111,12 @@ def adopt(pid_path: Path, markers: Sequence[str]) -> int | None:
 
 
 def spawn_detached(
-    argv: Sequence[str], *, log_path: Path, pid_path: Path, env: Mapping[str, str] | None = None
+    argv: Sequence[str],
+    *,
+    log_path: Path,
+    pid_path: Path,
+    env: Mapping[str, str] | None = None,
+    banner: str = "tokvel infra up",
 ) -> int:
     """Start ``argv`` in a session of its own, output appended to ``log_path``; records its pid.
 
@@ -123,7 +128,7 @@ def spawn_detached(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     with log_path.open("a", encoding="utf-8") as log:
-        log.write(f"=== {stamp} tokvel infra up: {' '.join(argv)}\n")
+        log.write(f"=== {stamp} {banner}: {' '.join(argv)}\n")
     file_actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, str(log_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
