@@ -17,6 +17,7 @@ app = faust.App(
     store="memory://",
     topic_partitions=2,
     web_enabled=False,
+    datadir=os.environ["SMOKE_DATADIR"],  # not the current directory: tests leave nothing behind
 )
 words = app.topic(f"{PREFIX}words", key_type=bytes, value_type=bytes, value_serializer="raw")
 counts_out = app.topic(f"{PREFIX}counts", key_type=bytes, value_type=bytes, value_serializer="raw")

@@ -46,7 +46,12 @@ async def test_faust_worker_consumes_keeps_a_table_and_produces(
         await producer.stop()
 
     log_path = tmp_path / "worker.log"
-    env = {**os.environ, "SMOKE_PREFIX": prefix, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
+    env = {
+        **os.environ,
+        "SMOKE_PREFIX": prefix,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "SMOKE_DATADIR": str(tmp_path / "faust-data"),
+    }
     with log_path.open("wb") as log:
         worker = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "faust", "-A", "tests.integration.faust_smoke_app",

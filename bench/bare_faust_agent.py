@@ -1,0 +1,62 @@
+"""The baseline of bench/velocity_throughput.py: a bare Faust agent iterating cmc.quotes.raw.
+
+Same broker, serializers and logging as the velocity worker, and no work per message. Prints
+one JSON line with the seconds (wall clock and CPU) between its first and its BENCH_QUOTES-th
+message, then idles until SIGTERM. Configured from the environment by the benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import faust
+import orjson
+
+from tokvel_common.logging import configure_logging
+from tokvel_common.topics import RAW_QUOTES, prefixed
+
+
+def main() -> int:
+    prefix = os.environ["BENCH_PREFIX"]
+    quotes = int(os.environ["BENCH_QUOTES"])
+    configure_logging("bench-bare-agent", "WARNING")
+    app = faust.App(
+        f"{prefix}bare-agent",
+        broker=f"kafka://{os.environ['KAFKA_BOOTSTRAP_SERVERS']}",
+        store="memory://",
+        datadir=os.environ["BENCH_DATA_DIR"],
+        autodiscover=False,
+        web_enabled=False,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+    )
+    raw = app.topic(prefixed(prefix, RAW_QUOTES), key_type=bytes, value_type=bytes)
+
+    @app.agent(raw)
+    async def count(stream: faust.StreamT[bytes]) -> None:
+        seen = 0
+        first = first_cpu = 0.0
+        async for _ in stream:
+            seen += 1
+            if seen == 1:
+                first, first_cpu = time.perf_counter(), time.process_time()
+            elif seen == quotes:
+                report = {
+                    "seconds": time.perf_counter() - first,
+                    "cpu_seconds": time.process_time() - first_cpu,
+                }
+                print(orjson.dumps(report).decode(), flush=True)  # noqa: T201
+
+    worker = faust.Worker(app, override_logging=False, redirect_stdouts=False, quiet=True)
+    worker.spinner = None
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

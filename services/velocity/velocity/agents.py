@@ -1,0 +1,294 @@
+"""The velocity agent: batches of raw quotes applied to token states, results made durable.
+
+A batch (``stream.take_events``) goes through two stages:
+
+1. **apply** (in the agent, CPU only): each message, in offset order, is validated
+   (rules.validate); an invalid one becomes a dead letter; a valid one whose (partition, offset)
+   its token's state has already applied is a redelivery and is skipped; any other is applied
+   to the token's state (rules.apply). The result is a :class:`_Job`: the records to publish
+   and, once per token, its new state as bytes.
+2. **deliver** (one background task, jobs in order): every record of the job is sent and its
+   acknowledgement awaited; only then is each new token state written to the table and the
+   acknowledgement of its changelog record awaited; only then are the batch's messages acked,
+   so that an offset commit never covers a message whose results are not durable.
+
+Each message is ``incref``-ed while its job is pending, so the ack that ``take_events`` gives
+it after stage 1 is not the final one. The two stages overlap: the agent applies (and Faust
+fills) the next batch while the previous one waits for the broker. States applied but not yet
+written are kept in an overlay that later batches read before the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, cast
+
+import faust
+
+from tokvel_common.events import DeadLetter
+from tokvel_common.serialization import encode
+from tokvel_common.velocity_math import AddOutcome, TokenWindows
+from velocity.metrics import VelocityMetrics
+from velocity.rules import TOO_LATE, Rejection, apply, validate
+from velocity.settings import VelocitySettings
+from velocity.tables import StateTable, TokenState
+from velocity.topics import VelocityTopics
+
+log = logging.getLogger(__name__)
+
+RawEvent = faust.EventT[bytes]
+
+PROCESSING_ERROR: Final = "processing_error"
+_RETRY_FIRST_SECONDS: Final = 0.5
+_RETRY_MAX_SECONDS: Final = 10.0
+# Jobs waiting for the delivery task while it delivers one (and the agent applies another).
+_QUEUED_JOBS: Final = 1
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class _Job:
+    """One applied batch: what to publish, then what to store, then what to ack."""
+
+    events: Sequence[RawEvent]
+    records: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
+    states: list[tuple[bytes, bytes, RawEvent]] = field(default_factory=list)
+    samples: int = 0
+    duplicates: int = 0
+    redelivered: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+
+class BatchProcessor:
+    """Applies batches of ``cmc.quotes.raw`` events and delivers their results (module doc)."""
+
+    def __init__(
+        self,
+        *,
+        app: faust.App,
+        table: StateTable,
+        topics: VelocityTopics,
+        settings: VelocitySettings,
+        metrics: VelocityMetrics,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self._app = app
+        self._table = table
+        self._topics = topics
+        self._metrics = metrics
+        self._clock = clock
+        self._interval = settings.velocity_expected_interval_seconds
+        self._future_skew = timedelta(seconds=settings.velocity_future_skew_seconds)
+        # States applied by jobs not delivered yet, with the number of such jobs per token.
+        self._overlay: dict[bytes, tuple[TokenState, int]] = {}
+        self._jobs: asyncio.Queue[_Job] = asyncio.Queue(_QUEUED_JOBS)
+        self._delivery: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The delivery task, for as long as the agent runs.
+
+        Cancelling it leaves the pending jobs' messages unacked: their offsets are not committed
+        and they are processed again by whoever holds their partitions next.
+        """
+        self._delivery = asyncio.create_task(self._deliver_jobs(), name="velocity-delivery")
+        try:
+            yield
+        finally:
+            self._delivery.cancel()
+            # wait() neither raises the task's CancelledError nor swallows one aimed at us.
+            await asyncio.wait([self._delivery])
+            self._delivery = None
+            self._overlay.clear()
+            while not self._jobs.empty():
+                self._jobs.get_nowait()
+
+    async def submit(self, events: Sequence[RawEvent]) -> None:
+        """Apply ``events`` and queue their delivery (waits while the queue is full)."""
+        # First of all: from here on only the delivery task can give these messages their final
+        # ack. If anything below raises, the agent crashes, and with it the worker (app.py);
+        # the messages stay unacked, so uncommitted, and their partition's next owner
+        # processes them again (take_events acks a batch even when the agent raised).
+        for event in events:
+            event.message.incref()
+        if self._delivery is None:
+            raise RuntimeError("submit() outside of running()")
+        if self._delivery.done():
+            raise RuntimeError("the delivery task stopped") from self._delivery.exception()
+        await self._jobs.put(self.apply_batch(events))
+
+    # ------------------------------------------------------------------ stage 1: apply
+
+    def apply_batch(self, events: Sequence[RawEvent]) -> _Job:
+        job = _Job(events)
+        tokens: dict[bytes, tuple[TokenState, RawEvent]] = {}
+        latest: dict[bytes, bytes] = {}
+        now = self._clock()
+        for event in events:
+            self._apply_one(event, job, tokens, latest, now)
+        # token.metrics.latest is compacted: of a token's samples in one batch only the newest
+        # is kept, which during a catch-up saves most of its records.
+        job.records.extend(
+            (self._topics.metrics_latest, key, value) for key, value in latest.items()
+        )
+        for key, (state, last_event) in tokens.items():
+            job.states.append((key, state.to_bytes(), last_event))
+            jobs = self._overlay[key][1] if key in self._overlay else 0
+            self._overlay[key] = (state, jobs + 1)
+        return job
+
+    def _apply_one(
+        self,
+        event: RawEvent,
+        job: _Job,
+        tokens: dict[bytes, tuple[TokenState, RawEvent]],
+        latest: dict[bytes, bytes],
+        now: datetime,
+    ) -> None:
+        message = event.message
+        try:
+            result = validate(message.key, message.value, future_skew=self._future_skew)
+            if isinstance(result, Rejection):
+                self._reject(job, message, result, now)
+                return
+            key = result.key
+            state = tokens[key][0] if key in tokens else self._state(key, event)
+            if state.has_applied(message.partition, message.offset):
+                job.redelivered += 1
+                return
+            applied = apply(result, state.windows)
+        except Exception as exc:
+            # A bug must not stop the stream: the message goes to the DLQ with the error.
+            log.exception(
+                "quote failed", extra={"partition": message.partition, "offset": message.offset}
+            )
+            self._reject(job, message, Rejection(PROCESSING_ERROR, repr(exc)), now)
+            return
+        state.mark_applied(message.partition, message.offset)
+        tokens[key] = (state, event)
+        if applied.sample is not None:
+            value = encode(applied.sample)
+            job.records.append((self._topics.metrics, key, value))
+            if applied.newest:
+                latest[key] = value
+            job.samples += 1
+        elif applied.outcome is AddOutcome.TOO_LATE:
+            detail = f"last_updated {result.ts.isoformat()} is more than 12 h behind the newest"
+            self._reject(job, message, Rejection(TOO_LATE, detail), now)
+        else:
+            job.duplicates += 1
+
+    def _state(self, key: bytes, event: RawEvent) -> TokenState:
+        pending = self._overlay.get(key)
+        if pending is not None:
+            return pending[0]
+        stored = self._table.read(key, event)
+        if stored is None:
+            return TokenState(TokenWindows(self._interval))
+        return TokenState.from_bytes(stored, self._interval)
+
+    def _reject(self, job: _Job, message: Any, rejection: Rejection, now: datetime) -> None:
+        value: bytes | None = message.value
+        letter = DeadLetter(
+            reason=rejection.reason,
+            detail=rejection.detail,
+            raw=(value or b"").decode("utf-8", errors="replace"),
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            rejected_at=now,
+        )
+        job.records.append((self._topics.dead_letters, message.key, encode(letter)))
+        job.rejected[rejection.reason] = job.rejected.get(rejection.reason, 0) + 1
+
+    # ------------------------------------------------------------------ stage 2: deliver
+
+    async def _deliver_jobs(self) -> None:
+        while True:
+            job = await self._jobs.get()
+            await self.deliver(job)
+
+    async def deliver(self, job: _Job) -> None:
+        """Make ``job`` durable (records, then states), then ack its messages."""
+        await self._until_done("samples", lambda: self._send(job.records))
+        await self._until_done("state", lambda: self._write_states(job.states))
+        for key, _, _ in job.states:
+            state, jobs = self._overlay[key]
+            if jobs == 1:
+                del self._overlay[key]  # later batches read the table again
+            else:
+                self._overlay[key] = (state, jobs - 1)
+        for event in job.events:
+            event.ack()
+        self._observe(job)
+
+    async def _send(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
+        producer = self._app.producer
+        deliveries = [
+            await producer.send(topic, key, value, None, None, None)
+            for topic, key, value in records
+        ]
+        await asyncio.gather(*deliveries)
+
+    async def _write_states(self, states: Sequence[tuple[bytes, bytes, RawEvent]]) -> None:
+        for key, value, event in states:
+            await self._table.write(key, value, event)
+        await self._table.wait_delivered()
+
+    async def _until_done(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+        # A record sent twice is identical to the first: the consumers' dedupe absorbs it.
+        delay = _RETRY_FIRST_SECONDS
+        while True:
+            try:
+                await attempt()
+            except Exception:
+                log.warning("delivery failed, retrying", extra={"what": what}, exc_info=True)
+                self._metrics.publish_retries.inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
+            else:
+                return
+
+    def _observe(self, job: _Job) -> None:
+        metrics = self._metrics
+        metrics.consumed.inc(len(job.events))
+        metrics.emitted.inc(job.samples)
+        metrics.duplicates.inc(job.duplicates)
+        metrics.redelivered.inc(job.redelivered)
+        for reason, count in job.rejected.items():
+            metrics.rejected.labels(reason).inc(count)
+        metrics.batch_seconds.observe(time.perf_counter() - job.started)
+        last_offsets = {event.message.tp: event.message.offset for event in job.events}
+        assigned = self._app.consumer.assignment()
+        for tp, offset in last_offsets.items():
+            # highwater() asserts the assignment, which a rebalance may have just changed.
+            highwater = self._app.consumer.highwater(tp) if tp in assigned else None
+            if highwater is not None:
+                metrics.lag_messages.labels(str(tp.partition)).set(max(0, highwater - offset - 1))
+        metrics.lag_seconds.set(time.time() - job.events[-1].message.timestamp)
+
+
+def register_agents(
+    app: faust.App, topics: VelocityTopics, processor: BatchProcessor, settings: VelocitySettings
+) -> None:
+    @app.agent(topics.raw, name="velocity")
+    async def velocity(stream: faust.StreamT[bytes]) -> None:
+        # take_events is implemented by Stream but missing from the StreamT interface.
+        batches = cast(faust.Stream[bytes], stream).take_events(
+            settings.velocity_batch_size, within=settings.velocity_batch_within_seconds
+        )
+        async with processor.running():
+            async for events in batches:
+                await processor.submit(events)
