@@ -87,3 +87,11 @@ status: setup ## each service: pid, state, restarts, last exit, URL
 
 logs: setup ## the services' logs; SERVICE=name for one, FOLLOW=1 to follow
 	$(TOKVEL) logs $(SERVICE) $(if $(FOLLOW),-f)
+
+# Deployment files for users with Docker or Kubernetes, validated offline (no engine, no cluster):
+# the validators are pinned and cached by scripts/install-validators.sh.
+TOKVEL_TOOLS_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/tokvel/tools
+.PHONY: validate-deploy
+validate-deploy: $(UV) ## Dockerfile, docker-compose.yml, deploy/k8s: linters and schemas, offline
+	UV=$(UV) TOKVEL_TOOLS_DIR=$(TOKVEL_TOOLS_DIR) bash scripts/install-validators.sh
+	$(TOKVEL_TOOLS_DIR)/venv/bin/python scripts/validate_deploy.py --tools $(TOKVEL_TOOLS_DIR)
