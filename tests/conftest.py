@@ -27,7 +27,7 @@ from tokvel_common.db.migrate import apply_migrations
 from tokvel_common.settings import CommonSettings
 from tokvel_common.topics import TOPICS, prefixed
 
-TEMPLATE_DB = "tokvel_test_template"
+TEMPLATE_DB_PREFIX = "tokvel_test_template_"
 TEST_REDIS_DB = 9
 
 
@@ -68,21 +68,29 @@ def settings(stack_env: dict[str, str]) -> CommonSettings:
 
 
 @pytest.fixture(scope="session")
-async def template_database(settings: CommonSettings) -> str:
-    """A database with every migration applied, cloned by each test that needs PostgreSQL."""
+async def template_database(settings: CommonSettings) -> AsyncIterator[str]:
+    """A database with every migration applied, cloned by each test that needs PostgreSQL.
+
+    Named per session, so two pytest sessions on one machine never collide.
+    """
     admin_dsn = settings.database_url.get_secret_value()
+    name = f"{TEMPLATE_DB_PREFIX}{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(admin_dsn)
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    template = await asyncpg.connect(_with_database(admin_dsn, TEMPLATE_DB))
+    template = await asyncpg.connect(_with_database(admin_dsn, name))
     try:
         await apply_migrations(template)
     finally:
         await template.close()
-    return TEMPLATE_DB
+    yield name
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
 
 
 @pytest.fixture

@@ -1,0 +1,210 @@
+"""The gateway's composition root: ``create_app(settings)``.
+
+Resources are opened in dependency order, each in its own ``cleanup_ctx`` generator, and closed
+in reverse: the PostgreSQL pool, the Redis client, the services built on both (repository,
+readers, key cache, limiter), the quota flusher and the access-count flusher (each flushes once
+more on shutdown), the key-change listener. ``web.run_app`` (in ``__main__``) turns SIGTERM
+into that orderly shutdown.
+
+The pool starts empty (min size 0) so the gateway starts, and serves what Redis holds, while
+PostgreSQL is still unavailable; ``/readyz`` reports ready when PostgreSQL or Redis answers,
+since either lets the gateway answer requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
+
+from api_gateway.access import AccessCounter
+from api_gateway.auth import Authenticator
+from api_gateway.cache_aside import TokenReader
+from api_gateway.errors import DatabaseUnavailable
+from api_gateway.metrics import GatewayMetrics
+from api_gateway.middleware import guard, observe
+from api_gateway.openapi import openapi_bytes
+from api_gateway.quota import QuotaTracker
+from api_gateway.ratelimit import RateLimiter
+from api_gateway.redis_gate import RedisGate
+from api_gateway.repository import GatewayRepository
+from api_gateway.routes import setup_routes
+from api_gateway.settings import GatewaySettings
+from api_gateway.state import (
+    ACCESS,
+    AUTHENTICATOR,
+    LIMITER,
+    METRICS,
+    OPENAPI,
+    POOL,
+    QUOTA,
+    READER,
+    REDIS,
+    REDIS_GATE,
+    REPOSITORY,
+    SETTINGS,
+)
+from tokvel_common.apikeys import KeyChange, KeyChangeListener
+from tokvel_common.db.pool import create_pool
+from tokvel_common.logging import mask_dsn
+from tokvel_common.ops import add_ops_routes
+from tokvel_common.redis_client import create_redis
+
+log = logging.getLogger(__name__)
+
+APPLICATION_NAME = "tokvel-api-gateway"
+CLIENT_MAX_SIZE = 64 * 1024  # the API takes no bodies; anything large is refused with 413
+FINAL_FLUSH_SECONDS = 5.0
+LISTENER_STOP_SECONDS = 2.0
+
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+async def _postgres(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    dsn = settings.database_url.get_secret_value()
+    pool = await create_pool(
+        dsn,
+        min_size=0,
+        max_size=settings.db_pool_max_size,
+        command_timeout=settings.db_timeout_seconds,
+        application_name=APPLICATION_NAME,
+    )
+    app[POOL] = pool
+    log.info("postgres pool created", extra={"database": mask_dsn(dsn)})
+    try:
+        yield
+    finally:
+        await pool.close()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client = create_redis(
+        settings.redis_url.get_secret_value(),
+        cluster=settings.redis_cluster,
+        socket_timeout=settings.redis_timeout_seconds,
+    )
+    app[REDIS] = client
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    """Plain objects over the two clients: nothing to close, but they need both open."""
+    settings, metrics, quota = app[SETTINGS], app[METRICS], app[QUOTA]
+    repository = GatewayRepository(app[POOL], settings.db_timeout_seconds)
+    gate = RedisGate(app[REDIS], metrics, retry_seconds=settings.redis_retry_seconds)
+    access = AccessCounter(gate)
+    app[REPOSITORY] = repository
+    app[REDIS_GATE] = gate
+    app[ACCESS] = access
+    app[READER] = TokenReader(gate, repository, metrics, access)
+    app[AUTHENTICATOR] = Authenticator(
+        repository, settings, quota, metrics, stale_seconds=settings.api_key_stale_seconds
+    )
+    app[LIMITER] = RateLimiter(
+        gate, quota, metrics, local_divisor=settings.rate_limit_local_divisor
+    )
+    yield
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _quota_flusher(app: web.Application) -> AsyncIterator[None]:
+    quota, repository = app[QUOTA], app[REPOSITORY]
+    task = asyncio.create_task(
+        quota.run(repository, app[SETTINGS].quota_flush_interval_seconds), name="quota-flusher"
+    )
+    try:
+        yield
+    finally:
+        await _cancel(task)
+        # Requests counted since the last flush: one bounded last attempt.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FINAL_FLUSH_SECONDS):
+                if not await quota.flush(repository):
+                    log.warning(
+                        "stopping with uncounted requests",
+                        extra={"requests": quota.pending_requests},
+                    )
+
+
+async def _access_counts(app: web.Application) -> AsyncIterator[None]:
+    access = app[ACCESS]
+    task = asyncio.create_task(access.run(), name="access-counts")
+    try:
+        yield
+    finally:
+        await _cancel(task)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FINAL_FLUSH_SECONDS):
+                await access.flush()
+
+
+async def _key_changes(app: web.Application) -> AsyncIterator[None]:
+    authenticator, limiter, metrics = app[AUTHENTICATOR], app[LIMITER], app[METRICS]
+
+    def on_change(change: KeyChange) -> None:
+        metrics.key_changes.inc()
+        authenticator.drop(change.key_hash)
+        limiter.drop(change.key_hash)
+
+    def on_reset() -> None:
+        authenticator.reset()
+
+    listener = KeyChangeListener(app[SETTINGS].redis_url.get_secret_value(), on_change, on_reset)
+    task = asyncio.create_task(listener.run(), name="api-key-changes")
+    try:
+        yield
+    finally:
+        listener.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), LISTENER_STOP_SECONDS)
+        await _cancel(task)
+
+
+def _readiness(app: web.Application) -> dict[str, Callable[[], Awaitable[bool]]]:
+    async def postgres() -> bool:
+        try:
+            return await app[REPOSITORY].ping()
+        except DatabaseUnavailable:
+            return False
+
+    async def redis() -> bool:
+        try:
+            return bool(await app[REDIS].ping())
+        except (RedisError, OSError):
+            return False
+
+    async def storage() -> bool:
+        # Either store lets the gateway answer: not ready only when both are gone.
+        results = await asyncio.gather(postgres(), redis())
+        return any(results)
+
+    return {"storage": storage}
+
+
+def create_app(settings: GatewaySettings) -> web.Application:
+    app = web.Application(middlewares=[observe, guard], client_max_size=CLIENT_MAX_SIZE)
+    metrics = GatewayMetrics(CollectorRegistry())
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[QUOTA] = QuotaTracker(metrics)
+    app[OPENAPI] = openapi_bytes()
+    for ctx in (_postgres, _redis, _services, _quota_flusher, _access_counts, _key_changes):
+        app.cleanup_ctx.append(ctx)
+    setup_routes(app)
+    add_ops_routes(app, _readiness(app), metrics.registry)
+    return app

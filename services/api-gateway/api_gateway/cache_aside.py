@@ -1,0 +1,216 @@
+"""Cache-aside over the seed's Redis keys, with PostgreSQL behind it.
+
+Hit: the value is served as the writer (or an earlier miss) stored it. Miss: PostgreSQL
+(``tokens`` + ``token_latest``), then the keys are filled with the seed's TTLs from
+:mod:`tokvel_common.cache`. Fills of ``token:``/``velocity:`` use SET NX: if the writer stored a
+newer sample between our read and our write, the writer's value stays (its own writes are plain
+SETs and always win). Redis failing or slow never fails a request: the answer comes from
+PostgreSQL and the fill is skipped.
+
+Every read of a token also counts an access for the writer's predictive warming (in memory,
+added to the ``token_access:{bucket}`` sorted sets once a second by :mod:`api_gateway.access`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import zlib
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Final
+
+from api_gateway.access import AccessCounter
+from api_gateway.errors import RedisUnavailable, not_found
+from api_gateway.metrics import GatewayMetrics
+from api_gateway.models import (
+    ListPage,
+    Order,
+    SortField,
+    Source,
+    TimeframeName,
+    TrendOut,
+    VelocityData,
+    WindowOut,
+)
+from api_gateway.redis_gate import RedisGate
+from api_gateway.repository import GatewayRepository, Ranking, TokenRow
+from tokvel_common.cache import (
+    VELOCITY_TIMEFRAMES,
+    TokenMetadata,
+    TokenSnapshot,
+    VelocitySnapshot,
+    decode_value,
+    encode_value,
+    list_page_key,
+    register_list_page,
+    snapshot_entries,
+    token_key,
+    velocity_key,
+    velocity_snapshot,
+)
+from tokvel_common.events import MetricsSample
+
+log = logging.getLogger(__name__)
+
+TREND_THRESHOLD: Final = 0.05  # ARCHITECTURE.md: the trend rule's 5 %
+
+
+def list_sort_segment(sort: SortField, order: Order) -> str:
+    """The ``{sort}`` of a page key: the field for ascending, ``-field`` for descending.
+
+    No colon (the key is split on them), and a metadata sort in ascending order is the bare
+    field name that :data:`tokvel_common.cache.METADATA_SORTS` recognises.
+    """
+    return sort if order == "asc" else f"-{sort}"
+
+
+def velocity_data(snapshots: Sequence[VelocitySnapshot]) -> VelocityData:
+    """The velocity answer from one snapshot per timeframe (each carries its own coverage)."""
+    first = snapshots[0]
+    windows: dict[TimeframeName, WindowOut] = {}
+    for snapshot in snapshots:
+        coverage = snapshot.coverage
+        windows[snapshot.timeframe] = WindowOut(
+            velocity=snapshot.velocity,
+            points_used=coverage.points_used if coverage else None,
+            points_expected=coverage.points_expected if coverage else None,
+        )
+    current = first.velocity_24h
+    recent = first.trend_recent_avg
+    change = (current - recent) / recent if recent else None
+    return VelocityData(
+        cmc_id=first.cmc_id,
+        velocity=current,
+        velocity_1h=first.velocity_1h,
+        velocity_4h=first.velocity_4h,
+        velocity_12h=first.velocity_12h,
+        velocity_24h=first.velocity_24h,
+        velocity_7d=first.velocity_7d,
+        windows=windows,
+        trend=TrendOut(
+            direction=first.trend,
+            current=current,
+            recent_avg=recent,
+            change_ratio=change,
+            threshold=TREND_THRESHOLD,
+        ),
+        data_quality_score=first.data_quality_score,
+        quality_flags=first.quality_flags,
+        calculated_at=first.calculated_at,
+    )
+
+
+class TokenReader:
+    def __init__(
+        self,
+        gate: RedisGate,
+        repository: GatewayRepository,
+        metrics: GatewayMetrics,
+        access: AccessCounter,
+    ) -> None:
+        self._gate = gate
+        self._repository = repository
+        self._metrics = metrics
+        self._access = access
+
+    async def _get(self, keys: Sequence[str], cmc_id: int | None) -> list[bytes | None]:
+        """GET ``keys`` in one round trip (and count an access to ``cmc_id``); None on failure."""
+        if cmc_id is not None:
+            self._access.record(cmc_id)
+        client = self._gate.client
+        try:
+            if len(keys) == 1:
+                value = await self._gate.run("get", lambda: client.get(keys[0]))
+                return [value.encode() if isinstance(value, str) else value]
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(key)
+            return list(await self._gate.run("get", pipe.execute))
+        except RedisUnavailable:
+            return [None] * len(keys)
+
+    async def _fill(self, snapshot: TokenSnapshot) -> None:
+        pipe = self._gate.client.pipeline(transaction=False)
+        for key, value, ttl in snapshot_entries(snapshot):
+            pipe.set(key, value, ex=ttl, nx=True)
+        with contextlib.suppress(RedisUnavailable):
+            await self._gate.run("fill", pipe.execute)
+
+    async def _from_database(self, cmc_id: int) -> TokenRow:
+        row = await self._repository.token(cmc_id)
+        if row is None:
+            raise not_found(f"no token with cmc_id {cmc_id}", "token_not_found")
+        if row.snapshot is not None:
+            await self._fill(row.snapshot)
+        return row
+
+    async def token(self, cmc_id: int) -> tuple[TokenMetadata, MetricsSample | None, Source]:
+        (raw,) = await self._get([token_key(cmc_id)], cmc_id)
+        if raw is not None:
+            try:
+                snapshot = decode_value(raw, TokenSnapshot)
+            except (ValueError, zlib.error):
+                log.warning("unreadable cache value", extra={"key": token_key(cmc_id)})
+            else:
+                self._metrics.cache_lookup("token", "hit")
+                return snapshot.token, snapshot.metrics, "cache"
+        self._metrics.cache_lookup("token", "miss")
+        row = await self._from_database(cmc_id)
+        return row.metadata, row.snapshot.metrics if row.snapshot else None, "database"
+
+    async def velocity(self, cmc_id: int) -> tuple[VelocityData, Source]:
+        keys = [velocity_key(cmc_id, tf) for tf in VELOCITY_TIMEFRAMES]
+        raws = await self._get(keys, cmc_id)
+        if all(raw is not None for raw in raws):
+            try:
+                snapshots = [decode_value(raw, VelocitySnapshot) for raw in raws if raw]
+            except (ValueError, zlib.error):
+                log.warning("unreadable cache value", extra={"key": keys[0]})
+            else:
+                # Keys are written together, but expire or are refreshed one by one: serve
+                # them only when they describe the same sample.
+                if len({s.calculated_at for s in snapshots}) == 1:
+                    self._metrics.cache_lookup("velocity", "hit")
+                    return velocity_data(snapshots), "cache"
+        self._metrics.cache_lookup("velocity", "miss")
+        row = await self._from_database(cmc_id)
+        if row.snapshot is None:
+            raise not_found(f"token {cmc_id} has no velocity yet", "no_data")
+        sample = row.snapshot.metrics
+        return velocity_data([velocity_snapshot(sample, tf) for tf in VELOCITY_TIMEFRAMES]), (
+            "database"
+        )
+
+    async def ranking(
+        self,
+        sort: SortField,
+        order: Order,
+        limit: int,
+        offset: int,
+        as_of: datetime | None,
+    ) -> tuple[Ranking, Source]:
+        key = list_page_key(list_sort_segment(sort, order), limit, offset)
+        (raw,) = await self._get([key], None)
+        if raw is not None:
+            try:
+                page = decode_value(raw, ListPage)
+            except (ValueError, zlib.error):
+                log.warning("unreadable cache value", extra={"key": key})
+            else:
+                # A page pinned to a snapshot time is served from cache only when the cached
+                # page is that snapshot.
+                if as_of is None or page.as_of == as_of:
+                    self._metrics.cache_lookup("list", "hit")
+                    return Ranking(list(page.items), page.total, page.as_of), "cache"
+        self._metrics.cache_lookup("list", "miss")
+        ranking = await self._repository.ranking(sort, order, limit, offset, as_of)
+        if as_of is None and ranking.items:
+            value = encode_value(
+                ListPage(items=ranking.items, total=ranking.total, as_of=ranking.as_of)
+            )
+            pipe = self._gate.client.pipeline(transaction=False)
+            register_list_page(pipe, key, value, (item.cmc_id for item in ranking.items))
+            with contextlib.suppress(RedisUnavailable):
+                await self._gate.run("fill", pipe.execute)
+        return ranking, "database"
