@@ -9,7 +9,7 @@ UV     := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_ARGS ?=
 
 .PHONY: help setup lint fmt infra-up infra-down infra-status infra-reset migrate \
-        test test-unit test-integration test-e2e demo schemas bench-velocity \
+        test test-unit test-integration test-e2e demo schemas bench-velocity bench-ws \
         bench-writer redis-cluster-up redis-cluster-down up down status logs
 
 help: ## list the targets
@@ -66,6 +66,9 @@ bench-velocity: infra-up ## quotes/s of one velocity worker vs a bare Faust agen
 
 bench-writer: infra-up ## rows/s of one writer vs raw COPY into the same table, same run
 	$(PY) bench/writer_throughput.py
+
+bench-ws: infra-up ## WebSocket delivery latency, produce to client, 1 000 and 5 000 connections
+	$(PY) bench/ws_fanout.py --connections 1000 5000
 
 redis-cluster-up: setup ## a private 3-master Redis Cluster on 127.0.0.1:36380-36382 (tests start it too)
 	$(PY) -m tokvel_common.infra.redis_cluster up

@@ -12,7 +12,7 @@ from typing import Final
 from aiohttp import web
 from pydantic import BaseModel
 
-from api_gateway.handlers import docs, symbols, tokens, usage
+from api_gateway.handlers import dashboard, docs, symbols, tokens, usage
 from api_gateway.models import (
     MAX_CMC_ID,
     MAX_SYMBOL_LENGTH,
@@ -137,3 +137,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/docs", docs.docs_page, name="docs")
     app.router.add_get("/docs/init.js", docs.docs_init, name="docs_init")
     app.router.add_get("/docs/static/{name}", docs.docs_asset, name="docs_asset")
+    app.router.add_get("/", dashboard.dashboard_page, name="dashboard")
+    app.router.add_get(
+        "/dashboard/config.json", dashboard.dashboard_config, name="dashboard_config"
+    )
+    app.router.add_get("/dashboard/{name}", dashboard.dashboard_asset, name="dashboard_asset")

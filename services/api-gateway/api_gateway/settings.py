@@ -19,6 +19,12 @@ class GatewaySettings(ApiKeySettings):
     )
     port: int = Field(default=8080, ge=0, le=65535, description="Port of the REST API.")
     access_log: bool = Field(default=True, description="Log one line per request.")
+    dashboard_ws_url: str = Field(
+        default="",
+        pattern=r"^(wss?://[^\s'\";]+)?$",
+        description="WebSocket URL the dashboard at / connects to (the ws-broadcaster's "
+        "/v1/ws); empty: ws://<host the page was loaded from>:8081/v1/ws (wss:// under https).",
+    )
     redis_timeout_seconds: float = Field(
         default=0.25,
         gt=0,

@@ -355,6 +355,10 @@ def demo_environment(settings: StackSettings) -> dict[str, str]:
         "CMC_API_KEY": localstack.CMC_REPLAY_API_KEY,
         "POLL_INTERVAL_SECONDS": str(settings.tokvel_demo_poll_seconds),
         "VELOCITY_EXPECTED_INTERVAL_SECONDS": str(DEMO_EXPECTED_INTERVAL_SECONDS),
+        # The dashboard is served by the gateway: its page may open the broadcaster's socket.
+        "WS_ALLOWED_ORIGINS": orjson.dumps(
+            [f"http://{host}:{settings.port}" for host in ("127.0.0.1", "localhost")]
+        ).decode(),
     }
 
 
@@ -419,7 +423,8 @@ def _print_urls(settings: StackSettings, gateway: str, key: str, layout: Layout)
         "\n".join(
             [
                 "",
-                f"  dashboard  {gateway}/docs  (the API explorer)",
+                f"  dashboard  {gateway}/  (paste the API key below)",
+                f"  API docs   {gateway}/docs",
                 f"  REST       {gateway}/v1/tokens   (header X-API-Key)",
                 f"  WebSocket  ws://127.0.0.1:{settings.ws_port}/v1/ws?api_key=<key>",
                 "  metrics    "
