@@ -8,8 +8,10 @@ Against the local stack (Kafka, PostgreSQL, Redis on loopback), everything on th
    prefix, a Redis database of its own (``--redis-db``, flushed before and after) holding the
    tokens' snapshots as the writer would;
 2. one broadcaster, ``tokvel run ws``, as its own process;
-3. ``--connections`` WebSocket clients (aiohttp) spread over ``--client-processes`` processes,
-   each subscribed to all ``--tokens`` tokens, so every update goes to every connection;
+3. ``--connections`` WebSocket clients spread over ``--client-processes`` processes, each
+   subscribed to all ``--tokens`` tokens, so every update goes to every connection. By default
+   a minimal protocol-level client (so that the load generator, on the same CPUs, takes as
+   little as possible from the broadcaster); ``--client aiohttp`` uses aiohttp's;
 4. ``--rate`` samples per second for ``--duration`` seconds, round robin over the tokens, each
    stamped (``polled_at``) with the wall time just before the producer sends it;
 5. each client notes the wall time at which each update frame arrives; the latency of one
@@ -121,6 +123,7 @@ def client_process(
     raise_fd_limit(connections + 256)
     clients = _raw_clients if kind == "raw" else _clients
     latencies = uvloop.run(clients(url, key, tokens, connections, pipe))
+    os.set_blocking(pipe.fileno(), True)  # the loop's reader made it non-blocking
     pipe.send_bytes(latencies.tobytes())
     pipe.close()
 
