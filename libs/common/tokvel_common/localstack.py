@@ -1,18 +1,25 @@
 """Fixed coordinates of the local stack that ``tokvel infra up`` runs on loopback.
 
 Ports are away from the usual defaults so a private stack never collides with a system one.
+``TOKVEL_PORT_OFFSET`` shifts every one of them, so a second stack (a drill, a benchmark) can run
+beside the first with its own ``TOKVEL_RUN_DIR``.
 """
 
 from __future__ import annotations
 
-KAFKA_PORT = 39092
-KAFKA_CONTROLLER_PORT = 39093
-POSTGRES_PORT = 35432
+import os
+
+PORT_OFFSET_ENV = "TOKVEL_PORT_OFFSET"
+PORT_OFFSET = int(os.environ.get(PORT_OFFSET_ENV) or 0)
+
+KAFKA_PORT = 39092 + PORT_OFFSET
+KAFKA_CONTROLLER_PORT = 39093 + PORT_OFFSET
+POSTGRES_PORT = 35432 + PORT_OFFSET
 POSTGRES_USER = "tokvel"
 POSTGRES_PASSWORD = "tokvel"  # noqa: S105 - loopback-only development stack, documented
 POSTGRES_DB = "tokvel"
-REDIS_PORT = 36379
-CMC_REPLAY_PORT = 8090
+REDIS_PORT = 36379 + PORT_OFFSET
+CMC_REPLAY_PORT = 8090 + PORT_OFFSET
 CMC_REPLAY_API_KEY = "tokvel-local-replay-key"
 
 DATABASE_URL = (

@@ -24,6 +24,7 @@ from pathlib import Path
 import redis
 from redis.exceptions import RedisError
 
+from tokvel_common import localstack
 from tokvel_common.infra.component import ComponentStatus
 from tokvel_common.infra.layout import Layout
 from tokvel_common.infra.process import (
@@ -42,7 +43,7 @@ from tokvel_common.infra.process import (
 from tokvel_common.infra.system import redis_server_binary
 
 NAME = "redis-cluster"
-PORTS: tuple[int, ...] = (36380, 36381, 36382)
+PORTS: tuple[int, ...] = tuple(port + localstack.PORT_OFFSET for port in (36380, 36381, 36382))
 SLOTS = 16384
 MAXMEMORY = "64mb"
 STARTUP_TIMEOUT = 30.0
