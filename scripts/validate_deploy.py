@@ -15,7 +15,14 @@ kubernetes-validate, jsonschema and PyYAML), needs no Docker engine, no cluster 
 4. kube-score on each rendered overlay (criticals and warnings fail), standing in for
    kube-linter, which no reachable registry serves.
 5. tokvel's own rules on the rendered overlays, which no generic linter knows: probes,
-   resources and a locked-down security context on every workload; exactly one ingestor.
+   resources and a locked-down security context on every workload; exactly one ingestor; the
+   Grafana dashboard shipped as the sidecar's ConfigMap, identical to deploy/grafana's file.
+6. ``docs/asyncapi.yaml``: the official AsyncAPI parser (@asyncapi/parser, npm): the document
+   against the AsyncAPI schema, bindings included, every $ref resolved (the payloads are the
+   checked-in JSON Schemas), and the parser's own rules.
+7. PromQL: every expression of the Grafana dashboard (targets and variable queries) and of the
+   PrometheusRule parsed with promql-parser (a port of Prometheus' parser). That the metrics
+   exist in the services' code is tests/unit/test_docs_contracts.py's job.
 
 Every check runs even after one fails; the exit code is 1 when any failed.
 """
@@ -23,6 +30,7 @@ Every check runs even after one fails; the exit code is 1 when any failed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -34,9 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-# jsonschema and kubernetes-validate live in the validators' venv (install-validators.sh), not
-# in the project's, where mypy runs; neither ships type information.
+# jsonschema, promql-parser and kubernetes-validate live in the validators' venv
+# (install-validators.sh), not in the project's, where mypy runs.
 import jsonschema  # type: ignore[import-untyped]
+import promql_parser  # type: ignore[import-not-found]
 import yaml
 from kubernetes_validate import utils as kv  # type: ignore[import-not-found]
 
@@ -45,6 +54,10 @@ COMPOSE_FILE: Final = ROOT / "docker-compose.yml"
 DOCKERFILE: Final = ROOT / "Dockerfile"
 K8S_DIR: Final = ROOT / "deploy" / "k8s"
 OVERLAYS: Final = ("dev", "prod", "prod-keda")
+ASYNCAPI_DOC: Final = ROOT / "docs" / "asyncapi.yaml"
+ASYNCAPI_VALIDATOR: Final = ROOT / "scripts" / "asyncapi" / "validate.cjs"
+DASHBOARD: Final = ROOT / "deploy" / "grafana" / "tokvel-dashboard.json"
+DASHBOARD_CONFIGMAP: Final = "tokvel-grafana-dashboard"
 
 # The oldest and the newest Kubernetes minor we promise to work on (deploy/k8s/README.md).
 KUBERNETES_VERSIONS: Final = ("1.30.0", "1.34.0")
@@ -98,6 +111,10 @@ class Tools:
     @property
     def compose_schema(self) -> Path:
         return self.root / "schemas" / "compose-spec.json"
+
+    @property
+    def asyncapi_modules(self) -> Path:
+        return self.root / "asyncapi" / "node_modules"
 
 
 @dataclass
@@ -373,8 +390,106 @@ def check_rules(overlay: str, documents: list[dict[str, Any]], report: Report) -
             target == "tokvel-ingestor"
         ):
             fail("ingestor", f"{document['kind']} {document['metadata']['name']} scales it")
+    # The dashboard ConfigMap for Grafana's sidecar, with the file's dashboard, unchanged.
+    dashboards = [
+        d
+        for d in documents
+        if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == DASHBOARD_CONFIGMAP
+    ]
+    if len(dashboards) != 1:
+        fail("grafana", f"{len(dashboards)} ConfigMaps named {DASHBOARD_CONFIGMAP}, expected 1")
+    for configmap in dashboards:
+        if configmap["metadata"].get("labels", {}).get("grafana_dashboard") != "1":
+            fail("grafana", f'{DASHBOARD_CONFIGMAP} lacks the label grafana_dashboard: "1"')
+        shipped = configmap.get("data", {}).get(DASHBOARD.name)
+        if shipped is None or json.loads(shipped) != json.loads(DASHBOARD.read_text("utf-8")):
+            fail("grafana", f"{DASHBOARD_CONFIGMAP} does not hold {DASHBOARD.name} as it is")
     if not any(p.startswith(f"{overlay}:") for p in report.problems):
-        report.note(f"tokvel rules overlays/{overlay}: probes, resources, security, one ingestor")
+        report.note(
+            f"tokvel rules overlays/{overlay}: probes, resources, security, one ingestor, "
+            "the Grafana dashboard ConfigMap"
+        )
+
+
+# ----------------------------------------------------------------------------- AsyncAPI
+
+
+def check_asyncapi(tools: Tools, report: Report) -> None:
+    result = run(
+        [
+            "node",
+            str(ASYNCAPI_VALIDATOR),
+            "--modules",
+            str(tools.asyncapi_modules),
+            str(ASYNCAPI_DOC.relative_to(ROOT)),
+        ],
+        cwd=ROOT,
+    )
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    if result.returncode != 0:
+        report.fail("@asyncapi/parser:\n" + "\n".join(lines))
+    else:
+        for line in lines:
+            report.note(f"@asyncapi/parser: {line}")
+
+
+# -------------------------------------------------------------------------------- PromQL
+
+# Grafana's variables, replaced by values of the same syntactic kind before parsing.
+_GRAFANA_DURATIONS: Final = re.compile(r"\$__(?:rate_interval|interval|range)\b")
+_GRAFANA_VARIABLE: Final = re.compile(r"\$(?:\{[A-Za-z_][A-Za-z0-9_:]*\}|[A-Za-z_][A-Za-z0-9_]*)")
+# Grafana's Prometheus variable query label_values(SELECTOR, LABEL): only SELECTOR is PromQL.
+_LABEL_VALUES: Final = re.compile(r"^\s*label_values\((?P<selector>.*),\s*[A-Za-z_]\w*\s*\)\s*$")
+
+
+def dashboard_expressions(dashboard: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """(where, PromQL) of every panel's targets (inside collapsed rows too) and variables."""
+    panels = list(dashboard.get("panels", []))
+    for panel in list(panels):
+        panels.extend(panel.get("panels", []))
+    for panel in panels:
+        for target in panel.get("targets", []):
+            if "expr" in target:
+                yield f"panel {panel.get('title')!r} {target.get('refId')}", target["expr"]
+    for variable in dashboard.get("templating", {}).get("list", []):
+        if variable.get("type") != "query":
+            continue
+        query = variable.get("query")
+        text = query.get("query", "") if isinstance(query, dict) else str(query)
+        match = _LABEL_VALUES.match(text)
+        yield f"variable {variable.get('name')!r}", match["selector"] if match else text
+
+
+def rule_expressions() -> Iterator[tuple[str, str]]:
+    for path in sorted(K8S_DIR.rglob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if not document or document.get("kind") != "PrometheusRule":
+                continue
+            for group in document["spec"]["groups"]:
+                for rule in group["rules"]:
+                    name = rule.get("alert") or rule.get("record")
+                    yield f"{path.relative_to(ROOT)} {name}", str(rule["expr"])
+
+
+def check_promql(report: Report) -> None:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    checked = {"dashboard": 0, "rules": 0}
+    sources = [("dashboard", dashboard_expressions(dashboard)), ("rules", rule_expressions())]
+    for kind, expressions in sources:
+        for where, expression in expressions:
+            text = _GRAFANA_DURATIONS.sub("5m", expression)
+            text = _GRAFANA_VARIABLE.sub("x", text)
+            try:
+                promql_parser.parse(text)
+            except ValueError as exc:
+                report.fail(f"PromQL {where}: {exc}: {expression}")
+            checked[kind] += 1
+    if checked["dashboard"] == 0 or checked["rules"] == 0:
+        report.fail(f"PromQL: found {checked}, expected expressions in both")
+    report.note(
+        f"promql-parser: {checked['dashboard']} dashboard expressions, "
+        f"{checked['rules']} PrometheusRule expressions"
+    )
 
 
 # ------------------------------------------------------------------------------------ main
@@ -392,7 +507,13 @@ def main(argv: Iterable[str] | None = None) -> int:
     tools = Tools(args.tools)
     missing = [
         str(p)
-        for p in (tools.kustomize, tools.kube_score, tools.hadolint, tools.compose_schema)
+        for p in (
+            tools.kustomize,
+            tools.kube_score,
+            tools.hadolint,
+            tools.compose_schema,
+            tools.asyncapi_modules,
+        )
         if not p.exists()
     ]
     if missing:
@@ -416,6 +537,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             check_rules(overlay, documents, report)
 
         steps.append((f"deploy/k8s/overlays/{overlay}", kubernetes))
+    steps.append(("docs/asyncapi.yaml (@asyncapi/parser)", lambda r: check_asyncapi(tools, r)))
+    steps.append(("PromQL: deploy/grafana, PrometheusRule (promql-parser)", check_promql))
 
     failed = 0
     for title, step in steps:

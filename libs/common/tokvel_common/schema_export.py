@@ -13,7 +13,7 @@ from typing import Final
 
 from pydantic import BaseModel
 
-from tokvel_common.events import DeadLetter, MetricsSample, RawQuote
+from tokvel_common.events import DeadLetter, MetricsSample, RawQuote, TokenInfo
 
 SCHEMA_DIR: Final = Path(__file__).resolve().parent / "schemas"
 
@@ -22,6 +22,7 @@ EXPORTED: Final[dict[str, type[BaseModel]]] = {
     "metrics_sample.json": MetricsSample,  # token.metrics, token.metrics.latest
     "raw_quote.json": RawQuote,  # cmc.quotes.raw
     "dead_letter.json": DeadLetter,  # cmc.quotes.dlq
+    "token_info.json": TokenInfo,  # cmc.tokens.info
 }
 
 
