@@ -325,8 +325,10 @@ async def _ensure_topics() -> str:
         missing = [spec for spec in TOPICS if spec.name not in existing]
         if missing:
             await _create_missing(admin, missing)
-        aligned = await _align_configs(admin)
+        # Leaders first: DescribeConfigs of a topic created a moment ago can still answer
+        # UNKNOWN_TOPIC_OR_PARTITION until the broker's metadata has it.
         await _wait_partitions(admin)
+        aligned = await _align_configs(admin)
         for topic in await admin.describe_topics([spec.name for spec in TOPICS]):
             spec = next(s for s in TOPICS if s.name == topic["topic"])
             if len(topic["partitions"]) != spec.partitions:
