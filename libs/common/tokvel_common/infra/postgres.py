@@ -1,4 +1,8 @@
-"""PostgreSQL 15: a private cluster on 127.0.0.1, owned by the ``tokvel`` superuser.
+"""PostgreSQL 15 nodes: private clusters on 127.0.0.1, owned by the ``tokvel`` superuser.
+
+The local stack has one node (``postgresql``, port 35432) and, with a hot standby, a second one
+(``postgresql-b``, the next port) inside the first one's home; :mod:`pg_cluster` decides which
+node runs as what. This module knows how to create, configure, start, stop and reach one node.
 
 PostgreSQL refuses to run as root, so when we are root initdb and pg_ctl run as the
 unprivileged ``postgres`` system user (``runuser``) and the cluster's files belong to it. That
@@ -10,9 +14,11 @@ fallback dir, ``/var/tmp/tokvel-<sha256(run dir)[:12]>/postgres``, and ``status`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pwd
 import signal
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,19 +36,21 @@ from tokvel_common.infra.process import (
     read_pid,
     run,
     say,
-    stopwatch,
     terminate,
     wait_gone,
+    wait_until,
 )
 from tokvel_common.infra.system import PG_BIN, PG_SYSTEM_USER, first_blocked, is_root
 
 NAME = "postgresql"
+SECOND_NAME = "postgresql-b"
+SECOND_HOME = "node-b"  # the second node lives inside the first one's home: one dir to reset
 SOCKET_NAME = f".s.PGSQL.{localstack.POSTGRES_PORT}"
 MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+STANDBY_SIGNAL = "standby.signal"
 
 SETTINGS = {
     "listen_addresses": "'127.0.0.1'",
-    "port": str(localstack.POSTGRES_PORT),
     "max_connections": "200",  # every service keeps a pool, and tests clone databases
     "shared_buffers": "128MB",
     "fsync": "on",
@@ -60,8 +68,12 @@ SETTINGS = {
 
 @dataclass(frozen=True)
 class PgPaths:
+    """One node: its home dir (data, socket dir, log) and its port."""
+
     home: Path
     fallback_reason: str | None  # why the cluster is not in the run dir, or None
+    port: int = localstack.POSTGRES_PORT
+    name: str = NAME
 
     @property
     def data(self) -> Path:
@@ -87,9 +99,36 @@ class PgPaths:
     def markers(self) -> tuple[str, ...]:
         return (str(PG_BIN / "postgres"), str(self.data))
 
+    @property
+    def initialized(self) -> bool:
+        return (self.data / "PG_VERSION").exists()
+
+    @property
+    def is_standby(self) -> bool:
+        """Its data dir is set up to follow a primary (it would start in recovery)."""
+        return (self.data / STANDBY_SIGNAL).exists()
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def dsn(self, database: str = localstack.POSTGRES_DB) -> str:
+        return (
+            f"postgresql://{localstack.POSTGRES_USER}:{localstack.POSTGRES_PASSWORD}"
+            f"@{self.address}/{database}"
+        )
+
+
+def second_node(first: PgPaths) -> PgPaths:
+    """The hot standby's node: inside the first node's home, on the next port."""
+    return dataclasses.replace(
+        first, home=first.home / SECOND_HOME, port=first.port + 1, name=SECOND_NAME
+    )
+
 
 def _fallback_reason(layout: Layout, inside: Path) -> str | None:
-    socket = inside / "socket" / SOCKET_NAME
+    # The longest socket path is the second node's, one level deeper.
+    socket = second_node(PgPaths(inside, None)).socket_dir / SOCKET_NAME
     if len(str(socket)) > MAX_SOCKET_PATH:
         return f"its socket path under the run dir would exceed {MAX_SOCKET_PATH} bytes"
     if not is_root():
@@ -105,7 +144,7 @@ def _fallback_reason(layout: Layout, inside: Path) -> str | None:
 
 
 def locate(layout: Layout) -> PgPaths:
-    """Where the cluster is (or will be): the run dir when the PostgreSQL user can reach it."""
+    """The first node (or where it will be): the run dir when the PostgreSQL user can reach it."""
     inside = layout.run_dir / "postgres"
     fallback = layout.fallback_dir / "postgres"
     reason = _fallback_reason(layout, inside)
@@ -121,43 +160,52 @@ def all_homes(layout: Layout) -> tuple[Path, Path]:
     return layout.run_dir / "postgres", layout.fallback_dir / "postgres"
 
 
-def _as_owner(argv: list[str]) -> list[str]:
+def as_owner(argv: Sequence[str]) -> list[str]:
+    """``argv`` run as the user that owns the clusters (ourselves unless we are root)."""
     if not is_root():
-        return argv
+        return list(argv)
     return ["/usr/sbin/runuser", "-u", PG_SYSTEM_USER, "--", *argv]
 
 
-def _give(path: Path) -> None:
+def give(path: Path) -> None:
     """Hand ``path`` to the PostgreSQL user (only needed, and only possible, as root)."""
     if is_root():
         user = pwd.getpwnam(PG_SYSTEM_USER)
         os.chown(path, user.pw_uid, user.pw_gid)
 
 
-def _make_home(paths: PgPaths) -> None:
-    for directory in (paths.home.parent, paths.home, paths.socket_dir):
+def make_dirs(*directories: Path, mode: int = 0o755) -> None:
+    """Create each directory the PostgreSQL user owns (``mode`` only for the new ones)."""
+    for directory in directories:
         if not directory.is_dir():
             directory.mkdir(parents=True)
-            directory.chmod(0o755)  # clients reach the socket; data/ itself is 0700
-    _give(paths.home)
-    _give(paths.socket_dir)
+            directory.chmod(mode)
+        give(directory)
 
 
-def _initdb(paths: PgPaths) -> None:
-    _make_home(paths)
-    pwfile = paths.home / ".initdb-password"
+def make_home(node: PgPaths) -> None:
+    if not node.home.parent.is_dir():
+        node.home.parent.mkdir(parents=True)
+        node.home.parent.chmod(0o755)
+    # Clients reach the socket, so 0755; data/ itself is 0700.
+    make_dirs(node.home, node.socket_dir)
+
+
+def initdb(node: PgPaths) -> None:
+    make_home(node)
+    pwfile = node.home / ".initdb-password"
     # Created 0600 before the secret is written, so no other user can read it in between.
     fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(localstack.POSTGRES_PASSWORD + "\n")
-    _give(pwfile)
+    give(pwfile)
     try:
         run(
-            _as_owner(
+            as_owner(
                 [
                     str(PG_BIN / "initdb"),
                     "--pgdata",
-                    str(paths.data),
+                    str(node.data),
                     "--username",
                     localstack.POSTGRES_USER,
                     f"--pwfile={pwfile}",
@@ -171,46 +219,66 @@ def _initdb(paths: PgPaths) -> None:
             ),
             what="initdb",
             timeout=180,
-            cwd=paths.home,
+            cwd=node.home,
         )
     finally:
         pwfile.unlink(missing_ok=True)
-    with (paths.data / "postgresql.conf").open("a", encoding="utf-8") as conf:
+    with (node.data / "postgresql.conf").open("a", encoding="utf-8") as conf:
         conf.write("\n# tokvel: the local stack's settings, rewritten by `tokvel infra up`\n")
         conf.write("include = 'tokvel.conf'\n")
 
 
-def _write_settings(paths: PgPaths) -> None:
-    settings = {**SETTINGS, "unix_socket_directories": f"'{paths.socket_dir}'"}
-    lines = ["# Written by `tokvel infra up` on every start: edit infra/postgres.py instead."]
+def conf_string(value: str) -> str:
+    """A postgresql.conf string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def write_settings(node: PgPaths, extra: Mapping[str, str] | None = None) -> None:
+    """The node's ``tokvel.conf``: the common settings, its port and socket, then ``extra``."""
+    settings = {
+        **SETTINGS,
+        "port": str(node.port),
+        "unix_socket_directories": conf_string(str(node.socket_dir)),
+        **(extra or {}),
+    }
+    lines = ["# Written by `tokvel infra up`: edit infra/postgres.py and pg_cluster.py instead."]
     lines += [f"{name} = {value}" for name, value in settings.items()]
-    paths.conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    _give(paths.conf)
+    tmp = node.conf.with_name(node.conf.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    give(tmp)
+    tmp.replace(node.conf)  # the server may re-read it at any moment: never half-written
 
 
-def running_pid(paths: PgPaths) -> int | None:
-    pid = read_pid(paths.postmaster_pid)
-    return pid if pid is not None and matches(pid, paths.markers) else None
+def running_pid(node: PgPaths) -> int | None:
+    pid = read_pid(node.postmaster_pid)
+    return pid if pid is not None and matches(pid, node.markers) else None
 
 
-def _clear_stale_lock(paths: PgPaths) -> None:
+def _clear_stale_lock(node: PgPaths) -> None:
     # A postmaster.pid naming a reused pid (say, after a container restart) stops PostgreSQL
     # from starting; one whose process is not our postmaster is stale.
-    if paths.postmaster_pid.exists() and running_pid(paths) is None:
-        say(f"  {NAME}: removing stale {paths.postmaster_pid}")
-        paths.postmaster_pid.unlink()
+    if node.postmaster_pid.exists() and running_pid(node) is None:
+        say(f"  {node.name}: removing stale {node.postmaster_pid}")
+        node.postmaster_pid.unlink()
 
 
-async def _ensure_database() -> bool:
-    """Create the ``tokvel`` database if absent; True when it was created now."""
-    conn = await asyncpg.connect(
+async def connect(
+    node: PgPaths, database: str = localstack.POSTGRES_DB, *, wait_seconds: float = 10
+) -> asyncpg.Connection:
+    conn: asyncpg.Connection = await asyncpg.connect(
         host=LOOPBACK,
-        port=localstack.POSTGRES_PORT,
+        port=node.port,
         user=localstack.POSTGRES_USER,
         password=localstack.POSTGRES_PASSWORD,
-        database="postgres",
-        timeout=10,
+        database=database,
+        timeout=wait_seconds,
     )
+    return conn
+
+
+async def ensure_database(node: PgPaths) -> bool:
+    """Create the ``tokvel`` database if absent; True when it was created now."""
+    conn = await connect(node, "postgres")
     try:
         if await conn.fetchval(
             "SELECT 1 FROM pg_database WHERE datname = $1", localstack.POSTGRES_DB
@@ -224,10 +292,24 @@ async def _ensure_database() -> bool:
         await conn.close()
 
 
-async def healthy() -> bool:
-    """A real login to DATABASE_URL and a query."""
+async def in_recovery(node: PgPaths, *, wait_seconds: float = 5) -> bool | None:
+    """True on a standby (or a node still replaying WAL), False on a primary, None: no answer."""
     try:
-        conn = await asyncpg.connect(localstack.DATABASE_URL, timeout=5)
+        conn = await connect(node, "postgres", wait_seconds=wait_seconds)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return None
+    try:
+        return bool(await conn.fetchval("SELECT pg_is_in_recovery()", timeout=wait_seconds))
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return None
+    finally:
+        await conn.close(timeout=wait_seconds)
+
+
+async def healthy(node: PgPaths) -> bool:
+    """A real login to the node's ``tokvel`` database and a query."""
+    try:
+        conn = await asyncpg.connect(node.dsn(), timeout=5)
     except (OSError, asyncpg.PostgresError, TimeoutError):
         return False
     try:
@@ -236,106 +318,124 @@ async def healthy() -> bool:
         await conn.close()
 
 
-def _start(paths: PgPaths) -> None:
-    if port_open(localstack.POSTGRES_PORT):
-        raise InfraError(
-            f"{NAME}: port {localstack.POSTGRES_PORT} is taken by a process we did not start"
-        )
-    _clear_stale_lock(paths)
-    _make_home(paths)
-    _write_settings(paths)
+def start(node: PgPaths, settings: Mapping[str, str] | None = None) -> None:
+    """Write the node's settings and start it; returns once it accepts connections.
+
+    A node that recovers from a backup or follows a primary accepts read-only connections
+    before it is done; :func:`in_recovery` tells.
+    """
+    if port_open(node.port):
+        raise InfraError(f"{node.name}: port {node.port} is taken by a process we did not start")
+    _clear_stale_lock(node)
+    make_home(node)
+    write_settings(node, settings)
     try:
         run(
-            _as_owner(
+            as_owner(
                 [
                     str(PG_BIN / "pg_ctl"),
                     "start",
                     "--pgdata",
-                    str(paths.data),
+                    str(node.data),
                     "--log",
-                    str(paths.log),
+                    str(node.log),
                     "--wait",
                     "--timeout=120",
                     "--silent",
                 ]
             ),
-            what="pg_ctl start",
+            what=f"pg_ctl start ({node.name})",
             timeout=150,
-            cwd=paths.home,
+            cwd=node.home,
             new_session=True,  # the postmaster must not share our terminal's signals
         )
     except InfraError as exc:
-        raise InfraError(f"{exc}\n  last lines of {paths.log}:\n{log_tail(paths.log)}") from exc
+        raise InfraError(f"{exc}\n  last lines of {node.log}:\n{log_tail(node.log)}") from exc
 
 
-def up(layout: Layout) -> None:
-    paths = locate(layout)
-    if paths.fallback_reason:
-        say(f"  {NAME}: data in {paths.home} ({paths.fallback_reason})")
-    with stopwatch() as elapsed:
-        pid = running_pid(paths)
-        if pid is not None:
-            state = f"already running (pid {pid})"
-        else:
-            if not (paths.data / "PG_VERSION").exists():
-                _initdb(paths)
-                say(f"  {NAME}: initialized cluster in {paths.data} ({elapsed():.1f}s)")
-            _start(paths)
-            pid = running_pid(paths)
-            state = f"started (pid {pid})"
-        created = asyncio.run(_ensure_database())
-        if not asyncio.run(healthy()):
-            raise InfraError(f"{NAME}: cannot log in to {localstack.DATABASE_URL}")
-    extra = f", created database {localstack.POSTGRES_DB!r}" if created else ""
-    say(
-        f"  {NAME}: {state}, ready on {LOOPBACK}:{localstack.POSTGRES_PORT}{extra}"
-        f" ({elapsed():.1f}s)"
+def reload(node: PgPaths) -> None:
+    """Make the running node re-read its configuration files (SIGHUP to the postmaster)."""
+    pid = running_pid(node)
+    if pid is None:
+        raise InfraError(f"{node.name}: not running, cannot reload its settings")
+    os.kill(pid, signal.SIGHUP)
+
+
+def promote(node: PgPaths) -> None:
+    """End the standby's recovery: it becomes a primary on a new timeline."""
+    run(
+        as_owner([str(PG_BIN / "pg_ctl"), "promote", "--pgdata", str(node.data), "--wait"]),
+        what=f"pg_ctl promote ({node.name})",
+        timeout=90,
+        cwd=node.home,
     )
 
 
-def down(layout: Layout) -> None:
-    paths = locate(layout)
-    pid = running_pid(paths)
+def stop(node: PgPaths) -> int | None:
+    """Stop the node if it runs (fast shutdown, immediate if that fails); its former pid."""
+    pid = running_pid(node)
     if pid is None:
-        say(f"  {NAME}: not running")
-        return
-    with stopwatch() as elapsed:
-        try:
-            # Fast: roll back open sessions and checkpoint; pg_ctl waits for every backend.
-            run(
-                _as_owner(
-                    [
-                        str(PG_BIN / "pg_ctl"),
-                        "stop",
-                        "--pgdata",
-                        str(paths.data),
-                        "--mode=fast",
-                        "--wait",
-                        "--timeout=60",
-                        "--silent",
-                    ]
-                ),
-                what="pg_ctl stop",
-                timeout=90,
-                cwd=paths.home,
-            )
-        except InfraError as exc:
-            say(f"  {NAME}: {exc}\n  {NAME}: immediate shutdown of pid {pid}")
-            terminate(pid, name=NAME, timeout=15, first=signal.SIGQUIT)
-        if not wait_gone(pid, 10):
-            raise InfraError(f"{NAME}: postmaster {pid} still running after pg_ctl stop")
-    say(f"  {NAME}: stopped pid {pid} ({elapsed():.1f}s)")
+        return None
+    try:
+        # Fast: roll back open sessions and checkpoint; pg_ctl waits for every backend.
+        run(
+            as_owner(
+                [
+                    str(PG_BIN / "pg_ctl"),
+                    "stop",
+                    "--pgdata",
+                    str(node.data),
+                    "--mode=fast",
+                    "--wait",
+                    "--timeout=60",
+                    "--silent",
+                ]
+            ),
+            what=f"pg_ctl stop ({node.name})",
+            timeout=90,
+            cwd=node.home,
+        )
+    except InfraError as exc:
+        say(f"  {node.name}: {exc}\n  {node.name}: immediate shutdown of pid {pid}")
+        terminate(pid, name=node.name, timeout=15, first=signal.SIGQUIT)
+    if not wait_gone(pid, 10):
+        raise InfraError(f"{node.name}: postmaster {pid} still running after pg_ctl stop")
+    return pid
 
 
-def status(layout: Layout) -> ComponentStatus:
-    paths = locate(layout)
-    note = f"outside the run dir: {paths.fallback_reason}" if paths.fallback_reason else None
+def kill(node: PgPaths) -> int | None:
+    """SIGKILL the postmaster (a crash: no checkpoint, no goodbye to clients); its pid."""
+    pid = running_pid(node)
+    if pid is None:
+        return None
+    os.kill(pid, signal.SIGKILL)
+    # The backends notice their postmaster is gone and exit on their own; wait for the
+    # postmaster only, and for its port to close so nobody reconnects to a dying node.
+    wait_gone(pid, 10)
+    return pid
+
+
+def status(node: PgPaths, role: str | None = None) -> ComponentStatus:
+    notes = [role] if role else []
+    if node.fallback_reason:
+        notes.append(f"outside the run dir: {node.fallback_reason}")
     return ComponentStatus(
-        name=NAME,
-        pid=running_pid(paths),
-        address=f"{LOOPBACK}:{localstack.POSTGRES_PORT} (socket dir {paths.socket_dir})",
-        accepting=port_open(localstack.POSTGRES_PORT),
-        data_dir=paths.data,
-        log=paths.log,
-        note=note,
+        name=node.name,
+        pid=running_pid(node),
+        address=f"{node.address} (socket dir {node.socket_dir})",
+        accepting=port_open(node.port),
+        data_dir=node.data,
+        log=node.log,
+        note="; ".join(notes) or None,
+    )
+
+
+def wait_writable(node: PgPaths, timeout: float) -> None:
+    """Wait until the node is a primary that answers (recovery from a backup may take a while)."""
+    wait_until(
+        lambda: asyncio.run(in_recovery(node)) is False,
+        what=f"{node.name} as a writable primary",
+        timeout=timeout,
+        log_path=node.log,
+        interval=0.2,
     )

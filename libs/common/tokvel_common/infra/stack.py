@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tokvel_common import localstack
-from tokvel_common.infra import kafka, postgres, redis
+from tokvel_common.infra import kafka, pg_cluster, postgres, redis
 from tokvel_common.infra.component import ComponentStatus
 from tokvel_common.infra.layout import Layout
 from tokvel_common.infra.process import say, stopwatch
@@ -21,7 +21,7 @@ def env_lines() -> list[str]:
     """The stack's connection settings as ``NAME=value`` lines a shell can source."""
     return [
         f"KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{localstack.KAFKA_PORT}",
-        f"DATABASE_URL={localstack.DATABASE_URL}",
+        f"DATABASE_URL={pg_cluster.cluster_of(Layout.from_environment()).database_url()}",
         f"REDIS_URL={localstack.REDIS_URL}",
     ]
 
@@ -52,7 +52,7 @@ def up(layout: Layout) -> None:
         # Kafka is the slowest to come up: start it first, bring up the others meanwhile.
         started_at = time.monotonic()
         pid, state = kafka.start(layout)
-        postgres.up(layout)
+        pg_cluster.up(layout)
         redis.up(layout)
         kafka.wait_ready(layout, pid, state, started_at)
     say(f"stack up in {elapsed():.1f}s; connection settings: tokvel infra env")
@@ -61,7 +61,7 @@ def up(layout: Layout) -> None:
 def _stop_all(layout: Layout) -> None:
     kafka.down(layout)
     redis.down(layout)
-    postgres.down(layout)
+    pg_cluster.down(layout)
 
 
 def down(layout: Layout) -> None:
@@ -107,7 +107,7 @@ def reset(layout: Layout) -> None:
 
 
 def statuses(layout: Layout) -> list[ComponentStatus]:
-    return [kafka.status(layout), postgres.status(layout), redis.status(layout)]
+    return [kafka.status(layout), *pg_cluster.statuses(layout), redis.status(layout)]
 
 
 def render_status(layout: Layout) -> list[str]:

@@ -66,6 +66,7 @@ class Need:
     what: str
     package: str  # Debian 12 package that provides it
     present: Callable[[], bool]
+    optional: bool = False  # installed when we can; its absence stops nothing else
 
 
 NEEDS: tuple[Need, ...] = (
@@ -75,6 +76,13 @@ NEEDS: tuple[Need, ...] = (
         f"PostgreSQL 15 ({PG_BIN}/initdb)", "postgresql-15", lambda: (PG_BIN / "initdb").is_file()
     ),
     Need("Redis 7 (redis-server)", "redis-server", lambda: redis_server_binary() is not None),
+    # Only for WAL archiving and backups (TOKVEL_PG_BACKUPS=1), which say so when it is absent.
+    Need(
+        "pgBackRest (pgbackrest)",
+        "pgbackrest",
+        lambda: shutil.which("pgbackrest") is not None,
+        optional=True,
+    ),
 )
 
 
@@ -85,6 +93,8 @@ def missing_needs() -> list[Need]:
 def ensure_packages(apt_log: Path) -> None:
     """Install what is missing with apt-get when we can (root on Debian), else say what to do."""
     missing = missing_needs()
+    if not (is_root() and is_debian()):
+        missing = [need for need in missing if not need.optional]
     if not missing:
         return
     packages = [need.package for need in missing]
