@@ -11,7 +11,6 @@ database of its own.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,13 +18,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from tests.support.kafka import tokvel_topics
 from tokvel_common.db.migrate import apply_migrations
 from tokvel_common.settings import CommonSettings
-from tokvel_common.topics import TOPICS, prefixed
 
 TEMPLATE_DB_PREFIX = "tokvel_test_template_"
 TEST_REDIS_DB = 9
@@ -128,45 +126,12 @@ async def empty_database_url(settings: CommonSettings) -> AsyncIterator[str]:
         await conn.close()
 
 
-async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str]) -> None:
-    """New topics answer NotLeader until every partition has a leader: wait for that."""
-    async with asyncio.timeout(30):
-        while True:
-            described = await admin.describe_topics(topics)
-            if all(
-                t["error_code"] == 0
-                and t["partitions"]
-                and all(p["leader"] >= 0 for p in t["partitions"])
-                for t in described
-            ):
-                return
-            await asyncio.sleep(0.1)
-
-
 @pytest.fixture
 async def topic_prefix(settings: CommonSettings) -> AsyncIterator[str]:
-    """A unique topic prefix with the four tokvel topics created under it."""
+    """A unique topic prefix with the tokvel topics created under it."""
     prefix = f"test-{uuid.uuid4().hex[:10]}."
-    names = [prefixed(prefix, spec.name) for spec in TOPICS]
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [
-                NewTopic(
-                    prefixed(prefix, spec.name),
-                    num_partitions=spec.partitions,
-                    replication_factor=1,
-                    topic_configs=spec.config,
-                )
-                for spec in TOPICS
-            ]
-        )
-        await _wait_for_leaders(admin, names)
+    async with tokvel_topics(settings.kafka_bootstrap_servers, prefix):
         yield prefix
-        await admin.delete_topics(names)
-    finally:
-        await admin.close()
 
 
 @pytest.fixture

@@ -1,7 +1,10 @@
 """Structured JSON logs on stdout, one object per line, with the service name on every record.
 
-Secrets never reach a log: DSNs are masked by :func:`mask_dsn` before they are logged, and
-settings hold keys as ``SecretStr`` so an accidental ``repr`` shows ``**********``.
+Secrets never reach a log: DSNs are masked by :func:`mask_dsn` before they are logged,
+settings hold keys as ``SecretStr`` so an accidental ``repr`` shows ``**********``, and the HTTP
+services' access log (:class:`AccessLogger`) redacts secret query parameters (the WebSocket
+takes the API key as ``api_key`` from browsers, and aiohttp's own access log writes the request
+line as it came).
 """
 
 from __future__ import annotations
@@ -9,10 +12,12 @@ from __future__ import annotations
 import logging
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged.
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -55,3 +60,44 @@ def mask_dsn(dsn: str) -> str:
         return dsn
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+SECRET_QUERY_PARAMETERS: Final = frozenset({"api_key"})
+REDACTED: Final = "REDACTED"
+
+
+def loggable_target(request: web.BaseRequest) -> str:
+    """The request's path and query, the value of every secret query parameter redacted."""
+    query = request.query
+    if not any(name.lower() in SECRET_QUERY_PARAMETERS for name in query):
+        return request.path_qs
+    redacted = request.rel_url.with_query(
+        [(k, REDACTED if k.lower() in SECRET_QUERY_PARAMETERS else v) for k, v in query.items()]
+    )
+    return str(redacted)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request, secrets redacted (``web.run_app(access_log_class=AccessLogger)``)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        target = loggable_target(request)
+        self.logger.info(
+            "%s %s %s",
+            request.method,
+            target,
+            response.status,
+            extra={
+                "method": request.method,
+                "target": target,
+                "status": response.status,
+                "bytes": response.body_length,
+                "seconds": round(time, 6),
+                "remote": request.remote,
+                "user_agent": request.headers.get("User-Agent", ""),
+            },
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
