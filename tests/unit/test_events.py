@@ -10,7 +10,7 @@ import pytest
 
 from tokvel_common.events import CmcListingEntry, CmcListingsResponse, MetricsSample, RawQuote
 from tokvel_common.paths import SHARED_DATA_DIR
-from tokvel_common.serialization import DecodeError, decode, encode
+from tokvel_common.serialization import DecodeError, decode, dumps, encode, loads
 
 PRO_API_DIR = SHARED_DATA_DIR / "cmc-pro-api"
 REAL_ANSWERS = sorted(PRO_API_DIR.glob("listings_v1_*.json"))
@@ -101,6 +101,34 @@ def test_nulls_and_real_extremes_survive_a_round_trip() -> None:
     assert isinstance(again.circulating_supply, int)
     assert again.max_supply is None
     assert again.model_extra == {"some_future_cmc_field": {"kept": True}}
+
+
+def test_integers_beyond_64_bits_stay_exact_on_the_wire() -> None:
+    # orjson alone would turn these into floats (reading) or refuse them (writing).
+    huge = 2**70 + 1
+    body = (
+        b'{"id": 1, "total_supply": %d, "max_supply": -%d, "last_updated": "2024-05-01T12:00:00Z"}'
+    )
+    entry = decode(body % (huge, huge), CmcListingEntry)
+    assert entry.total_supply == huge and isinstance(entry.total_supply, int)
+    assert entry.max_supply == -huge
+    raw = RawQuote.model_validate(
+        {**entry.model_dump(), "polled_at": "2024-05-01T12:00:05Z", "source": "t", "poll_id": "p"}
+    )
+    again = decode(encode(raw), RawQuote)
+    assert again.total_supply == huge and again.max_supply == -huge
+    document = {"data": [{"id": 1, "total_supply": huge, "price": 2.1e-10}]}
+    assert loads(dumps(document)) == document
+    assert loads(b"[9223372036854775807, 1.5]") == [2**63 - 1, 1.5]
+
+
+@pytest.mark.parametrize(
+    "payload", [b'{"id": 1, "x": NaN}', b'{"id": 12345678901234567890, "x": Infinity}']
+)
+def test_non_numbers_are_refused_on_both_parsing_paths(payload: bytes) -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode(payload, CmcListingEntry)
+    assert caught.value.reason == "invalid_json"
 
 
 def test_naive_timestamps_are_read_as_utc() -> None:

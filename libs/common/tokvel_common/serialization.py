@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+import json
+import re
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel
@@ -21,7 +23,18 @@ class DecodeError(ValueError):
 
 def encode(model: BaseModel) -> bytes:
     """A model as compact JSON; unset optional fields are written as ``null``, never dropped."""
-    return orjson.dumps(model.model_dump(mode="python"))
+    try:
+        return orjson.dumps(model.model_dump(mode="python"))
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits: pydantic writes it exactly
+        return model.model_dump_json().encode()
+
+
+def dumps(obj: Any) -> bytes:
+    """Plain JSON data (CMC's own documents) as compact JSON, integers exact at any size."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def encode_key(cmc_id: int) -> bytes:
@@ -29,11 +42,31 @@ def encode_key(cmc_id: int) -> bytes:
     return str(cmc_id).encode("ascii")
 
 
+# orjson turns an integer beyond 64 bits into a float, silently; such a document (any run of 19
+# digits may be one) is parsed by the standard library, which keeps every integer exact.
+_LONG_DIGIT_RUN = re.compile(rb"\d{19}")
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads(data: bytes | str) -> Any:
+    """JSON to Python with every number as sent: integers exact at any size, NaN refused.
+
+    Raises ``ValueError`` (orjson's and the standard library's decode errors are ones).
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    if _LONG_DIGIT_RUN.search(raw) is None:
+        return orjson.loads(raw)
+    return json.loads(raw, parse_constant=_no_constants)
+
+
 def decode(data: bytes | str, model: type[ModelT]) -> ModelT:
     """Parse and validate, turning every failure into a :class:`DecodeError`."""
     try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        obj = loads(data)
+    except ValueError as exc:
         raise DecodeError("invalid_json", str(exc)) from exc
     if not isinstance(obj, dict):
         raise DecodeError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")

@@ -46,6 +46,7 @@ from tokvel_common.events import DeadLetter, RawQuote
 from tokvel_common.kafka import create_producer
 from tokvel_common.logging import configure_logging
 from tokvel_common.redis_client import RedisClient, create_redis
+from tokvel_common.serialization import loads
 from tokvel_common.topics import DEAD_LETTERS, RAW_QUOTES, prefixed
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def iter_records(path: Path, version: ApiVersion, skip: int = 0) -> Iterator[Rec
     kind = _kind(path)
     with open_text(path) as stream:
         if kind == ".json":
-            stamp, entries = _capture(orjson.loads(stream.read()), path)
+            stamp, entries = _capture(loads(stream.read()), path)
             captured = parse_time(stamp)
             for entry in entries[skip:]:
                 yield Record(entry, captured, captured, f"backfill:{path.name}:{stamp}")
@@ -141,7 +142,7 @@ def iter_records(path: Path, version: ApiVersion, skip: int = 0) -> Iterator[Rec
         else:
             lines = (line for line in stream if line.strip())
             for line in itertools.islice(lines, skip, None):
-                yield _from_json_line(orjson.loads(line), version, path.name)
+                yield _from_json_line(loads(line), version, path.name)
 
 
 def count_records(path: Path) -> int:
@@ -149,7 +150,7 @@ def count_records(path: Path) -> int:
     kind = _kind(path)
     with open_text(path) as stream:
         if kind == ".json":
-            return len(_capture(orjson.loads(stream.read()), path)[1])
+            return len(_capture(loads(stream.read()), path)[1])
         lines = sum(1 for line in stream if line.strip())
     return lines - 1 if kind == ".csv" else lines
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
-import orjson
 from pydantic import ValidationError
 
 from ingestor.metrics import IngestorMetrics
 from ingestor.settings import ApiVersion
 from ingestor.timing import backoff_delay, until_next_window
 from tokvel_common.events import CmcStatus
+from tokvel_common.serialization import loads
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ def parse_answer(http_status: int, body: bytes) -> CmcAnswer:
     ``malformed_response`` (retried: proxies and overloaded servers produce those).
     """
     try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        document = loads(body)
+    except ValueError as exc:
         if http_status >= 400:
             reason, action = classify(http_status, None)
             raise CmcError(reason, action, f"HTTP {http_status}", http_status=http_status) from exc

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import orjson
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from redis.exceptions import RedisError
@@ -44,6 +43,7 @@ from ingestor.settings import ApiVersion
 from ingestor.timing import missed_ticks, next_tick, next_utc_midnight, next_utc_month
 from ingestor.token_info import TokenInfoRefresher
 from tokvel_common.events import DeadLetter, RawQuote
+from tokvel_common.serialization import dumps
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def build_quote(
             reason="invalid_entry",
             detail=str(exc)[:2000],
             # The entry's JSON text as it arrived (re-serialized from the parsed answer).
-            raw=orjson.dumps(raw).decode(),
+            raw=dumps(raw).decode(),
             topic=topic,
             rejected_at=polled_at,
         )

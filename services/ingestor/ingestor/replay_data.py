@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import orjson
+from tokvel_common.serialization import loads
 
 Row = dict[str, Any]
 
@@ -101,7 +101,7 @@ def iter_rows(path: Path) -> Iterator[Row]:
     with open_text(path) as stream:
         for line in stream:
             if line.strip():
-                yield orjson.loads(line)
+                yield loads(line)
 
 
 @dataclass(frozen=True)
