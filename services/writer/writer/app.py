@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import multiprocessing
+import os
 import signal
 from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import ProcessPoolExecutor
 from datetime import date
 from typing import Any, Protocol, TypeVar
 
@@ -31,7 +35,7 @@ from writer.cache_writer import CacheWriter
 from writer.consumer import WriterLoop, WriterRebalanceListener
 from writer.maintenance import PartitionDays, PartitionMaintainer
 from writer.metrics import WriterMetrics
-from writer.persister import BatchPersister, KafkaDeadLetters, PreparedBatch
+from writer.persister import BatchPersister, KafkaDeadLetters, PreparedBatch, start_worker
 from writer.repository import WriterRepository
 from writer.settings import WriterSettings
 from writer.warmer import CacheWarmer, PopularRefresher
@@ -81,6 +85,25 @@ async def _redis(settings: WriterSettings) -> AsyncIterator[RedisClient]:
 
 
 @contextlib.asynccontextmanager
+async def _workers(processes: int) -> AsyncIterator[ProcessPoolExecutor | None]:
+    """The processes that prepare batches (none: this process prepares them)."""
+    if processes == 0:
+        yield None
+        return
+    pool = ProcessPoolExecutor(
+        processes,
+        # Not fork: this process has threads (the event loop's executor) by now.
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=start_worker,
+        initargs=(os.getpid(),),
+    )
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.asynccontextmanager
 async def _started(client: KafkaClientT) -> AsyncIterator[KafkaClientT]:
     await client.start()
     try:
@@ -122,6 +145,10 @@ async def _stop_when_set(stop: asyncio.Event, loop: WriterLoop[PreparedBatch]) -
 async def run(settings: WriterSettings) -> int:
     """The process: JSON logs, SIGTERM/SIGINT -> clean stop."""
     configure_logging("writer", settings.log_level)
+    # Every batch keeps thousands of objects alive long enough to reach the oldest generation,
+    # so full collections are frequent; without this each one walks every object the imports
+    # made too (py-spy under bench/writer_throughput.py: about a tenth of the writer's CPU).
+    gc.freeze()
     stop = asyncio.Event()
     async with _stop_on_signals(stop):
         await serve(settings, stop)
@@ -158,7 +185,11 @@ async def serve(settings: WriterSettings, stop: asyncio.Event) -> None:
         repository = WriterRepository(pool)
         days = PartitionDays(repository, metrics)
         cache_writer = CacheWriter(
-            redis, repository, metrics, retry_max_seconds=settings.writer_retry_max_seconds
+            redis,
+            repository,
+            metrics,
+            retry_max_seconds=settings.writer_retry_max_seconds,
+            min_interval_seconds=settings.writer_cache_min_interval_seconds,
         )
 
         async def redis_ready() -> bool:
@@ -212,6 +243,7 @@ async def serve(settings: WriterSettings, stop: asyncio.Event) -> None:
         checks = {"postgres": repository.ping, "redis": redis_ready, "kafka": kafka_ready}
 
         async with (
+            _workers(settings.writer_prepare_processes) as workers,
             ops_server(settings.writer_ops_host, settings.writer_ops_port, checks, registry),
             _started(producer),
             _started(consumer),
@@ -224,6 +256,7 @@ async def serve(settings: WriterSettings, stop: asyncio.Event) -> None:
                 metrics,
                 metrics_topic=metrics_topic,
                 info_topic=info_topic,
+                workers=workers,
             )
             loop = WriterLoop(
                 consumer,

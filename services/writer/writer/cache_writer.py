@@ -50,11 +50,13 @@ class CacheWriter:
         metrics: WriterMetrics,
         *,
         retry_max_seconds: float = 5.0,
+        min_interval_seconds: float = 0.0,
     ) -> None:
         self._redis = redis
         self._repository = repository
         self._metrics = metrics
         self._retry_max_seconds = retry_max_seconds
+        self._min_interval_seconds = min_interval_seconds
         self._pending = CacheChange()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -138,6 +140,9 @@ class CacheWriter:
                 delay = INITIAL_RETRY_SECONDS
                 if not self._pending:
                     self._idle.set()
+                # Whatever the batches committed meanwhile is brought up to date at once: a
+                # token's keys are written once per interval however many samples it got.
+                await asyncio.sleep(self._min_interval_seconds)
                 continue
             self._wakeup.set()  # still pending: try again after the pause
             await asyncio.sleep(delay)

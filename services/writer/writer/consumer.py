@@ -70,7 +70,7 @@ PreparedT = TypeVar("PreparedT")
 class BatchSink(Protocol[PreparedT]):
     """What the loop hands batches to: CPU work first, then the I/O that makes them durable."""
 
-    def prepare(self, batch: Batch) -> PreparedT: ...
+    async def prepare(self, batch: Batch) -> PreparedT: ...
 
     async def write(self, prepared: PreparedT) -> None: ...
 
@@ -147,7 +147,7 @@ class WriterLoop(Generic[PreparedT]):
                     in_flight = None
                 if self._batcher.due():
                     batch = self._batcher.take()
-                    prepared = self._sink.prepare(batch)
+                    prepared = await self._sink.prepare(batch)
                     if in_flight is not None:
                         await self._settle(in_flight)
                     task = asyncio.create_task(self._sink.write(prepared), name="batch-write")
@@ -158,7 +158,7 @@ class WriterLoop(Generic[PreparedT]):
                 in_flight = None
             if len(self._batcher):
                 batch = self._batcher.take()
-                await self._write_until_durable(self._sink.prepare(batch), batch.offsets)
+                await self._write_until_durable(await self._sink.prepare(batch), batch.offsets)
         finally:
             if in_flight is not None and not in_flight.task.done():
                 in_flight.task.cancel()

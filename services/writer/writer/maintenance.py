@@ -77,6 +77,11 @@ def event_day(ts: datetime) -> date:
     return ts.astimezone(UTC).date()
 
 
+def past_retention(ts: datetime, floor: date | None) -> bool:
+    """Older than the retention floor: its partition is gone or about to go."""
+    return floor is not None and event_day(ts) < floor
+
+
 class PartitionDays:
     """The days known to have a partition, and the retention floor samples must not cross.
 
@@ -91,8 +96,7 @@ class PartitionDays:
         self.floor: date | None = None
 
     def expired(self, ts: datetime) -> bool:
-        """Older than the retention: its partition is gone or about to go."""
-        return self.floor is not None and event_day(ts) < self.floor
+        return past_retention(ts, self.floor)
 
     async def prepare(self, days: Iterable[date]) -> None:
         missing = set(days) - self._known

@@ -14,7 +14,9 @@ class WriterSettings(CommonSettings):
         default="tokvel-writer", description="Kafka consumer group of the writers."
     )
     writer_batch_max_rows: int = Field(
-        default=2000, gt=0, description="A batch is written when it holds this many messages..."
+        default=10_000,
+        gt=0,
+        description="A batch is written when it holds this many messages...",
     )
     writer_batch_max_seconds: float = Field(
         default=1.0, gt=0, description="...or when its first message is this old."
@@ -34,6 +36,18 @@ class WriterSettings(CommonSettings):
         default=2.0,
         gt=0,
         description="Redis socket timeout: cache updates are pipelines nobody waits on.",
+    )
+    writer_prepare_processes: int = Field(
+        default=1,
+        ge=0,
+        description="Processes that decode batches and build their rows while the writer's own "
+        "does the I/O (0: the writer's own does everything).",
+    )
+    writer_cache_min_interval_seconds: float = Field(
+        default=0.5,
+        ge=0,
+        description="Least time between two cache updates: what the batches committed meanwhile "
+        "is written to Redis at once.",
     )
     writer_retention_days: int = Field(
         default=90, gt=0, description="Days of token_metrics kept, counted in event time."

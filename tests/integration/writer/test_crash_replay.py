@@ -80,6 +80,7 @@ async def test_kill_9_during_a_replay_neither_loses_nor_duplicates(
     )
 
     rows_at_kills: list[int] = []
+    orphans: list[int] = []  # the worker processes of the killed writers
     for cycle in range(KILLS):
         process = await _start_writer(settings, tmp_path / f"writer-{cycle}.log")
         try:
@@ -90,11 +91,14 @@ async def test_kill_9_during_a_replay_neither_loses_nor_duplicates(
                     functools.partial(_above, db, await _rows(db)), what="the writer to progress"
                 )
                 await asyncio.sleep(rng.uniform(0.0, 0.3))  # somewhere inside a batch
+                orphans.extend(_children(process.pid))
         finally:
             process.kill()
             await process.wait()
         rows_at_kills.append(await _rows(db))
     await producing
+    assert orphans  # the writers had workers (WRITER_PREPARE_PROCESSES), and they left too:
+    await eventually(lambda: _none_alive(orphans), what="the workers of killed writers to exit")
 
     process = await _start_writer(settings, tmp_path / "writer-final.log")
     try:
@@ -121,6 +125,32 @@ async def test_kill_9_during_a_replay_neither_loses_nor_duplicates(
     group = prefixed(settings.topic_prefix, settings.writer_group_id)
     topics = [topic, prefixed(settings.topic_prefix, TOKEN_INFO)]
     assert await group_lag(settings.kafka_bootstrap_servers, group, topics) == 0
+
+
+def _state_and_parent(pid: int | str) -> list[str]:
+    """[state, parent pid] of a process; empty once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except OSError:
+        return []
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``: the writer's workers, and the multiprocessing
+    resource tracker (which leaves once they are gone)."""
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _state_and_parent(entry.name)[1:] == [str(pid)]
+    ]
+
+
+def _running(pid: int) -> bool:
+    return _state_and_parent(pid)[:1] not in ([], ["Z"])
+
+
+async def _none_alive(pids: list[int]) -> bool:
+    return not any(_running(pid) for pid in pids)
 
 
 async def _above(db: asyncpg.Connection, count: int) -> bool:

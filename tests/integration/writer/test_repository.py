@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
+import orjson
 import pytest
 
 from tokvel_common.db.pool import create_pool
@@ -48,6 +49,51 @@ async def test_a_batch_written_twice_stores_each_sample_once(
     assert await db.fetchval("SELECT count(*) FROM tokens") == tokens
     # No identity value is burnt by known tokens: ids are 1..n.
     assert await db.fetchval("SELECT max(id) FROM tokens") == tokens
+
+
+async def test_a_redelivery_mixed_with_new_samples_stores_only_the_new_ones(
+    repository: WriterRepository, db: asyncpg.Connection, replay_slice: list[MetricsSample]
+) -> None:
+    stored, new = replay_slice[:300], replay_slice[300:600]
+    await _prepare(repository, replay_slice[:600])
+    await repository.write_batch(batch_rows(stored, []))
+    # Stored samples, new ones, and one new sample twice in the same batch.
+    mixed = await repository.write_batch(batch_rows([*new, *stored[::3], new[0]], []))
+
+    assert (mixed.rows_inserted, mixed.conflicts_skipped) == (300, 101)
+    assert await db.fetchval("SELECT count(*) FROM token_metrics") == 600
+
+
+async def test_text_values_reach_postgresql_unchanged(
+    repository: WriterRepository, db: asyncpg.Connection, replay_slice: list[MetricsSample]
+) -> None:
+    # Every character with a meaning in COPY text or in an array literal.
+    flags = ['quo"te', "back\\slash", "tab\there", "new\nline", "cr\rhere", "NULL", "", "{,}"]
+    sample = replay_slice[0].model_copy(update={"quality_flags": flags})
+    await _prepare(repository, [sample])
+    await repository.write_batch(batch_rows([sample], []))
+    row = await db.fetchrow("SELECT quality_flags, trend, details FROM token_metrics")
+    assert row is not None
+    assert row["quality_flags"] == flags
+    assert row["trend"] == sample.trend
+    assert orjson.loads(row["details"])["schema_version"] == sample.schema_version
+
+
+async def test_a_token_row_gone_is_looked_up_again_on_the_retry(
+    repository: WriterRepository, db: asyncpg.Connection, replay_slice: list[MetricsSample]
+) -> None:
+    btc = [s for s in replay_slice if s.cmc_id == 1][:2]
+    await _prepare(repository, btc)
+    await repository.write_batch(batch_rows(btc[:1], []))
+    # Say a backup without this token was restored: the id the repository knows is gone.
+    await db.execute(
+        "DELETE FROM token_metrics; DELETE FROM token_latest; DELETE FROM tokens WHERE cmc_id = 1"
+    )
+
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await repository.write_batch(batch_rows(btc[1:], []))
+    retried = await repository.write_batch(batch_rows(btc[1:], []))
+    assert (retried.rows_inserted, retried.tokens_created) == (1, [1])
 
 
 async def test_numbers_reach_postgresql_exactly(

@@ -99,3 +99,17 @@ def test_decode_splits_samples_metadata_and_dead_letters() -> None:
     ]
     assert decoded.rejected[0][1].raw == "not json"
     assert decoded.rejected[0][1].topic == METRICS
+
+
+def test_no_number_reaches_the_rows_as_nan_or_infinity() -> None:
+    # copy_line writes numbers as they are: a non-finite one must be a dead letter before.
+    value = encode(metrics_sample(ROW))
+    messages = [
+        Message(METRICS, 0, offset, b"1", value.replace(b'"price_usd":3345.37', literal))
+        for offset, literal in enumerate(
+            [b'"price_usd":NaN', b'"price_usd":Infinity', b'"price_usd":-1e999']
+        )
+    ]
+    decoded = decode_batch(messages, metrics_topic=METRICS, info_topic=INFO, now=NOW)
+    assert decoded.samples == []
+    assert [letter.reason for _, letter in decoded.rejected] == ["invalid_json"] * 3

@@ -77,7 +77,7 @@ class FakeSink:
     events: list[str] = field(default_factory=list)
     written: list[int] = field(default_factory=list)
 
-    def prepare(self, batch: Batch) -> Batch:
+    async def prepare(self, batch: Batch) -> Batch:
         self.events.append(f"prepare {batch.offsets[(TOPIC, 0)]}")
         return batch
 
