@@ -21,35 +21,19 @@ with an independent computation from the same file:
 
 no service restarted meanwhile, and ``tokvel down`` leaves no process of the stack behind.
 
-The expected numbers
---------------------
-``velocity`` by ``velocity_of`` and ``trend`` by ``trend_of`` of the velocity suite's reference
-(``tests/integration/velocity/reference.py``, plain Python written from ARCHITECTURE.md); the
-windows here, as exact rationals: the mean of the computable velocities (the 8-decimal numbers
-they are) whose event minute (hour, for 7 d) lies in the window that ends at the sample's own
-minute (hour), both edges included. The recording gives each token at most one sample per
-snapshot, in event-time order, so every sample is its token's newest when it is computed.
-
-Precision: ``velocity`` and ``velocity_24h`` are compared exactly: the contract rounds them to 8
-decimals, and the double nearest that decimal is what every store keeps (``numeric(12,8)``
-included). The contract does not round a window mean; it must lie within 1e-15 (relative) of the
-exact mean. The service adds doubles (``math.fsum``) and divides, which rounds at most three
-times by 2^-53 (about 3.3e-16 in all); one sample too many or too few in a window moves the mean
-far more than that, unless that sample equals the mean, and ``points_used`` is compared exactly.
+The expected numbers are :mod:`tests.support.replay_reference`'s (its docstring says how they
+are computed and how exactly they are compared).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
-from fractions import Fraction
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -58,19 +42,25 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
-from tests.integration.velocity.reference import trend_of, velocity_of
 from tests.integration.velocity.replay import delete_topics
-from tests.support.recorded import recorded_rows
+from tests.support.kafka import read_records
+from tests.support.replay_reference import (
+    SHOWN,
+    Observed,
+    Replay,
+    assert_match,
+    expected_replay,
+    parse_time,
+    replayed_rows,
+)
 from tests.support.stack import (
     ReplaySource,
     StackPorts,
     SupervisedStack,
     stack_environment,
 )
-from tokvel_common.commands.stack_cmd import DEMO_EXPECTED_INTERVAL_SECONDS
 from tokvel_common.events import MetricsSample
 from tokvel_common.paths import SHARED_DATA_DIR
 from tokvel_common.serialization import decode
@@ -90,225 +80,12 @@ KEY_TIER = "enterprise"  # 6 000 requests a minute: polling plus one /velocity p
 LIST_PAGE = 500  # the gateway's largest page: every replayed token in one answer
 BITCOIN, ETHEREUM = 1, 1027
 
-WINDOW_MINUTES = {"1h": 60, "4h": 240, "12h": 720}
-WEEK_HOURS = 168
-WINDOWS = ("1h", "4h", "12h", "7d")
-WINDOW_SECONDS = {"1h": 3_600, "4h": 14_400, "12h": 43_200, "7d": 604_800}
-MS_MINUTE, MS_HOUR = 60_000, 3_600_000
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-VELOCITY_DECIMALS = 8
-MEAN_RELATIVE_TOLERANCE = Fraction(1, 10**15)
-
 # Deadlines, generous since the CPU is shared: on the 2-core machine, under a load of 8-10, the
 # stack is up in 15 s and the whole replay is served 50 s later.
 WS_READY_SECONDS = 150.0  # beyond tokvel up's own 120 s
 DATA_SECONDS = 180.0
 CATCH_UP_SECONDS = 60.0  # what remains once REST serves the newest samples
 POLL_INTERVAL_SECONDS = 0.5
-SHOWN = 10  # differences listed in a failure message
-
-
-# ------------------------------------------------------------------------------- reference
-
-
-def parse_time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
-
-
-def velocity_units(velocity: float) -> int:
-    """The 8-decimal number a velocity stands for, as an integer number of 1e-8 (exact)."""
-    units = Decimal(repr(velocity)).scaleb(VELOCITY_DECIMALS)
-    assert units == units.to_integral_value(), f"{velocity!r} has more than 8 decimals"
-    return int(units)
-
-
-@dataclass(frozen=True)
-class Window:
-    mean: Fraction | None
-    points_used: int
-
-
-@dataclass(frozen=True)
-class ExpectedSample:
-    cmc_id: int
-    ts: datetime
-    velocity: float
-    computable: bool
-    windows: Mapping[str, Window]
-    trend: str
-
-
-@dataclass
-class _TokenHistory:
-    """One token's computable samples so far, in event-time order, with running unit sums."""
-
-    newest_ms: int | None = None
-    times: list[int] = field(default_factory=list)
-    unit_sums: list[int] = field(default_factory=lambda: [0])
-    velocities: list[float] = field(default_factory=list)
-
-    def add(self, ms: int, velocity: float) -> None:
-        self.times.append(ms)
-        self.unit_sums.append(self.unit_sums[-1] + velocity_units(velocity))
-        self.velocities.append(velocity)
-
-    def window(self, start_ms: int) -> Window:
-        """The computable samples from ``start_ms`` on (none is newer than the newest)."""
-        first = bisect.bisect_left(self.times, start_ms)
-        used = len(self.times) - first
-        units = self.unit_sums[-1] - self.unit_sums[first]
-        mean = Fraction(units, used * 10**VELOCITY_DECIMALS) if used else None
-        return Window(mean, used)
-
-
-@dataclass(frozen=True)
-class Replay:
-    samples: Mapping[tuple[int, datetime], ExpectedSample]
-    newest: Mapping[int, ExpectedSample]  # each token's newest sample
-    last_snapshot: frozenset[int]  # the tokens of the last snapshot served
-
-
-def replayed_rows(path: Path, snapshots: int) -> list[dict[str, Any]]:
-    """The rows of the first ``snapshots`` snapshots: what the replay server serves."""
-    rows: list[dict[str, Any]] = []
-    times: list[str] = []
-    for row in recorded_rows(path, "", "~"):  # every row: snapshot times sort as strings
-        if not times or row["ts"] != times[-1]:
-            if len(times) == snapshots:
-                break
-            times.append(row["ts"])
-        rows.append(row)
-    assert len(times) == snapshots, f"{path} has {len(times)} snapshots, not {snapshots}"
-    return rows
-
-
-def expected_replay(rows: Iterable[dict[str, Any]]) -> Replay:
-    histories: dict[int, _TokenHistory] = {}
-    samples: dict[tuple[int, datetime], ExpectedSample] = {}
-    last_ts, last_snapshot = "", set[int]()
-    for row in rows:
-        if row["ts"] != last_ts:
-            last_ts, last_snapshot = row["ts"], set()
-        last_snapshot.add(row["cmc_id"])
-        # The replay server's rule: the snapshot time when the recording has no last_updated.
-        ts = parse_time(row["last_updated"] or row["ts"])
-        if (row["cmc_id"], ts) in samples:
-            continue  # the same (cmc_id, last_updated) counts once
-        ms = (ts - EPOCH) // timedelta(milliseconds=1)
-        history = histories.setdefault(row["cmc_id"], _TokenHistory())
-        assert history.newest_ms is None or ms > history.newest_ms, "not in event-time order"
-        velocity, not_computable = velocity_of(row["volume_24h_usd"], row["market_cap_usd"])
-        current = None if not_computable else velocity
-        trend, _ = trend_of(current, history.velocities[-3:])
-        if current is not None:
-            history.add(ms, current)
-        history.newest_ms = ms
-        windows = {
-            name: history.window((ms // MS_MINUTE - minutes) * MS_MINUTE)
-            for name, minutes in WINDOW_MINUTES.items()
-        }
-        windows["7d"] = history.window((ms // MS_HOUR - WEEK_HOURS) * MS_HOUR)
-        samples[(row["cmc_id"], ts)] = ExpectedSample(
-            row["cmc_id"], ts, velocity, current is not None, windows, trend
-        )
-    newest: dict[int, ExpectedSample] = {}
-    for sample in samples.values():
-        newest[sample.cmc_id] = sample  # in event-time order per token: the last one wins
-    return Replay(samples, newest, frozenset(last_snapshot))
-
-
-# ---------------------------------------------------------------------------- comparisons
-
-
-@dataclass(frozen=True)
-class Observed:
-    """The numbers of one sample as one of the stack's outputs shows them."""
-
-    cmc_id: int
-    ts: datetime
-    velocity: float
-    velocity_24h: float
-    means: Mapping[str, float | None]
-    coverage: Mapping[str, tuple[int | None, int | None]]  # points used, expected
-    trend: str
-
-    @classmethod
-    def of_sample(cls, sample: MetricsSample) -> Observed:
-        means = {
-            "1h": sample.velocity_1h,
-            "4h": sample.velocity_4h,
-            "12h": sample.velocity_12h,
-            "7d": sample.velocity_7d,
-        }
-        coverage: dict[str, tuple[int | None, int | None]] = {
-            name: (window.points_used, window.points_expected)
-            for name, window in sample.coverage.items()
-        }
-        return cls(
-            sample.cmc_id,
-            sample.ts,
-            sample.velocity,
-            sample.velocity_24h,
-            means,
-            coverage,
-            sample.trend,
-        )
-
-    @classmethod
-    def of_velocity_answer(cls, data: Mapping[str, Any]) -> Observed:
-        """``data`` of ``GET /v1/tokens/{cmc_id}/velocity``."""
-        windows = data["windows"]
-        return cls(
-            data["cmc_id"],
-            parse_time(data["calculated_at"]),
-            data["velocity"],
-            data["velocity_24h"],
-            {name: data[f"velocity_{name}"] for name in WINDOWS},
-            {n: (windows[n]["points_used"], windows[n]["points_expected"]) for n in WINDOWS},
-            data["trend"]["direction"],
-        )
-
-
-def mean_matches(served: float | None, exact: Fraction | None) -> bool:
-    if exact is None or served is None:
-        return served is None and exact is None
-    return abs(Fraction(served) - exact) <= exact * MEAN_RELATIVE_TOLERANCE
-
-
-def differences(seen: Observed, want: ExpectedSample) -> list[str]:
-    found = []
-    if (seen.velocity, seen.velocity_24h) != (want.velocity, want.velocity):
-        found.append(
-            f"velocity {seen.velocity!r} / velocity_24h {seen.velocity_24h!r}, "
-            f"expected {want.velocity!r}"
-        )
-    for name, window in want.windows.items():
-        served = seen.means[name]
-        if not mean_matches(served, window.mean):
-            exact = None if window.mean is None else float(window.mean)
-            found.append(f"velocity_{name} {served!r}, expected {exact!r} ({window.mean})")
-        coverage = (window.points_used, WINDOW_SECONDS[name] // DEMO_EXPECTED_INTERVAL_SECONDS)
-        if seen.coverage.get(name) != coverage:
-            found.append(f"{name} coverage {seen.coverage.get(name)}, expected {coverage}")
-    if seen.trend != want.trend:
-        found.append(f"trend {seen.trend}, expected {want.trend}")
-    return [f"cmc_id {want.cmc_id} at {want.ts:%Y-%m-%dT%H:%M:%SZ}: {d}" for d in found]
-
-
-def assert_match(seen: Iterable[Observed], replay: Replay, where: str) -> None:
-    problems: list[str] = []
-    count = 0
-    for item in seen:
-        count += 1
-        want = replay.samples.get((item.cmc_id, item.ts))
-        if want is None:
-            problems.append(f"cmc_id {item.cmc_id} at {item.ts}: not a replayed sample")
-        else:
-            problems.extend(differences(item, want))
-    assert not problems, (
-        f"{where}: {len(problems)} differences from the reference in {count} samples; "
-        f"the first {SHOWN}:\n" + "\n".join(problems[:SHOWN])
-    )
 
 
 # -------------------------------------------------------------------------------- polling
@@ -446,32 +223,9 @@ def check_subscriber(subscriber: Subscriber, replay: Replay) -> None:
 # ---------------------------------------------------------------------------------- Kafka
 
 
-async def read_topic(bootstrap_servers: str, topic: str) -> list[tuple[bytes | None, bytes]]:
-    """(key, value) of every record of every partition, from the start to the current end."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap_servers,
-        group_id=None,  # no group: every partition, nothing committed
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    try:
-        ends = await consumer.end_offsets(list(consumer.assignment()))
-        assert ends, f"{topic}: no partitions"
-        records: list[tuple[bytes | None, bytes]] = []
-        async with asyncio.timeout(CATCH_UP_SECONDS):
-            while any([await consumer.position(tp) < end for tp, end in ends.items()]):
-                batches = await consumer.getmany(timeout_ms=1_000)
-                for tp, batch in batches.items():
-                    records.extend((r.key, r.value) for r in batch if r.offset < ends[tp])
-        return records
-    finally:
-        await consumer.stop()
-
-
-def check_metrics_topic(records: list[tuple[bytes | None, bytes]], replay: Replay) -> None:
-    samples = [decode(value, MetricsSample) for _, value in records]
+def check_metrics_topic(records: list[tuple[bytes | None, bytes | None]], replay: Replay) -> None:
+    assert all(value is not None for _, value in records), "a tombstone on token.metrics"
+    samples = [decode(value or b"", MetricsSample) for _, value in records]
     pairs = zip(records, samples, strict=True)
     wrong_keys = [(key, s.cmc_id) for (key, _), s in pairs if key != str(s.cmc_id).encode()]
     assert not wrong_keys, f"records not keyed by their cmc_id: {wrong_keys[:SHOWN]}"
@@ -644,7 +398,10 @@ async def test_make_up_serves_every_replayed_sample_as_computed_from_the_recordi
             check_subscriber(subscriber, replay)
 
             topic = prefixed(stack.env["TOPIC_PREFIX"], METRICS)
-            check_metrics_topic(await read_topic(settings.kafka_bootstrap_servers, topic), replay)
+            records = await read_records(
+                settings.kafka_bootstrap_servers, topic, within=CATCH_UP_SECONDS
+            )
+            check_metrics_topic(records, replay)
             await check_metrics_table(stack.env["DATABASE_URL"], replay)
 
             services = stack.services()
