@@ -1,15 +1,21 @@
 """Cached ``GET /v1/tokens/{id}`` through the whole gateway vs a bare aiohttp handler doing one
 redis-py GET: requests per second and p99 latency, same machine, same run.
 
-    .venv/bin/python bench/gateway_latency.py [--seconds 10] [--connections 64]
+    .venv/bin/python bench/gateway_latency.py [--seconds 10] [--connections 64] [--rounds 3]
+        [--json PATH]
 
 Sets up its own isolation on loopback and tears it down: a scratch database (migrated, one real
 token from the recorded data), a private redis-server on a free port, the gateway as
 ``tokvel run gateway`` (access log off, an API key on a tier with limits too high to bind, so
 authentication, the Redis rate-limit script and the quota bookkeeping all run) and the bare
 server, each a single process. The load comes from ``wrk`` (Debian package ``wrk``) in another
-process, or, without it, from an aiohttp load generator in a separate process. Bounded: about
-``2 x (seconds + 3)`` seconds plus start-up. Loopback only.
+process, or, without it, from an aiohttp load generator in a separate process. The two servers
+are measured in alternating rounds (gateway, bare, gateway, bare...), so a change in the load of
+a shared machine hits both alike; each figure is the median of its rounds. Bounded: about
+``2 x rounds x (seconds + 2)`` seconds plus start-up. Loopback only.
+
+Figures (``--json``, see ``bench/report.py``): the gateway's req/s, target at least 70 % of the
+bare server's, and its p99 latency, target at most the bare server's p99.
 
 The machine has 2 cores: the server under test and the load generator share them, so absolute
 numbers are lower than on a dedicated host; the ratio between the two servers is the point.
@@ -31,7 +37,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,9 @@ import orjson
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from pydantic import SecretStr
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import Figure, write_figures
 from tokvel_common.apikeys import INSERT_KEY, display_prefix, generate_key, hash_key
 from tokvel_common.db.migrate import apply_migrations
 from tokvel_common.paths import DEFAULT_REPLAY_DATA
@@ -54,6 +63,7 @@ PEPPER = "bench-pepper"
 TIERS = {"bench": {"per_minute": 1_000_000_000, "per_month": 1_000_000_000_000}}
 CMC_ID = 1
 WINDOWS = ("1h", "4h", "12h", "7d")
+RPS_TARGET_RATIO = 0.70
 
 
 def free_port() -> int:
@@ -145,18 +155,20 @@ async def load_token(dsn: str) -> str:
     return key
 
 
-async def wait_http(url: str, headers: dict[str, str], seconds: float = 30) -> None:
+async def wait_http(url: str, headers: dict[str, str], seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
-    async with ClientSession(timeout=ClientTimeout(total=2)) as session:
+    last = "no answer"
+    async with ClientSession(timeout=ClientTimeout(total=5)) as session:
         while time.monotonic() < deadline:
             try:
                 async with session.get(url, headers=headers) as response:
                     if response.status == 200:
                         return
-            except OSError:
-                pass
+                    last = f"{response.status} {await response.text()}"
+            except (OSError, TimeoutError) as exc:
+                last = repr(exc)
             await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer 200")
+    raise RuntimeError(f"{url} did not answer 200 in {seconds:g} s (last: {last})")
 
 
 # ---------------------------------------------------------------------------------- load
@@ -185,12 +197,14 @@ def run_wrk(name: str, url: str, key: str | None, seconds: int, connections: int
     out = subprocess.run(  # noqa: S603 - fixed argv, loopback target
         command, capture_output=True, text=True, check=True, timeout=seconds + 30
     ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    errors_match = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = int(errors_match.group(1)) if errors_match else 0
-    return Result(name, rps, p50, p99, errors, "wrk")
+    rps = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    # The "Latency Distribution" lines only ("70.50%" elsewhere also ends in "50%").
+    p50 = re.search(r"^\s+50%\s+(\S+)\s*$", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)\s*$", out, re.M)
+    if rps is None or p50 is None or p99 is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    errors = sum(int(n) for n in re.findall(r"(?:Non-2xx or 3xx responses:|timeout) (\d+)", out))
+    return Result(name, float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), errors, "wrk")
 
 
 async def _python_load(url: str, key: str | None, seconds: int, connections: int) -> dict[str, Any]:
@@ -263,7 +277,8 @@ async def _drop(admin_dsn: str, db_name: str) -> None:
         await conn.close()
 
 
-def bench(seconds: int, connections: int) -> list[Result]:
+def bench(seconds: int, connections: int, rounds: int) -> list[Result]:
+    """Every measured round of both servers, in the order they ran."""
     admin_dsn = CommonSettings().database_url.get_secret_value()
     db_name, dsn, key = asyncio.run(_setup(admin_dsn))
     processes: list[subprocess.Popen[bytes]] = []
@@ -294,10 +309,13 @@ def bench(seconds: int, connections: int) -> list[Result]:
         asyncio.run(wait_http(gateway_url, {"X-API-Key": key}))  # the miss fills token:1
         asyncio.run(wait_http(bare_url, {}))
         runner = run_wrk if shutil.which("wrk") else run_python
-        results = []
-        for name, url, header in (("gateway", gateway_url, key), ("bare", bare_url, None)):
+        targets = (("gateway", gateway_url, key), ("bare", bare_url, None))
+        for name, url, header in targets:
             runner(name, url, header, 2, connections)  # warm-up, not counted
-            results.append(runner(name, url, header, seconds, connections))
+        results = []
+        for _ in range(rounds):
+            for name, url, header in targets:
+                results.append(runner(name, url, header, seconds, connections))
         return results
     finally:
         for process in reversed(processes):
@@ -305,10 +323,58 @@ def bench(seconds: int, connections: int) -> list[Result]:
         asyncio.run(_drop(admin_dsn, db_name))
 
 
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def figures(results: Sequence[Result], connections: int, seconds: int) -> list[Figure]:
+    gateway = [r for r in results if r.name == "gateway"]
+    bare = [r for r in results if r.name == "bare"]
+    errors = sum(r.errors for r in gateway)  # the gateway must answer every request
+    rps, bare_rps = (_median([r.requests_per_second for r in rs]) for rs in (gateway, bare))
+    p99, bare_p99 = (_median([r.p99_ms for r in rs]) for rs in (gateway, bare))
+    detail: dict[str, Any] = {
+        "connections": connections,
+        "seconds_per_round": seconds,
+        "load_generator": results[0].tool,
+        "non_2xx": {"gateway": errors, "bare": sum(r.errors for r in bare)},
+        "rounds": [asdict(r) for r in results],
+    }
+    baseline_name = "bare aiohttp handler doing one redis-py GET, same run"
+    return [
+        Figure(
+            figure=f"cached GET /v1/tokens/{{id}}, {connections} connections: throughput",
+            unit="req/s",
+            tokvel=rps,
+            target=f">= {RPS_TARGET_RATIO:.0%} of baseline",
+            met=rps >= RPS_TARGET_RATIO * bare_rps and errors == 0,
+            baseline=bare_rps,
+            baseline_name=baseline_name,
+            ratio=rps / bare_rps,
+            detail=detail,
+        ),
+        Figure(
+            figure=f"cached GET /v1/tokens/{{id}}, {connections} connections: p99 latency",
+            unit="ms",
+            tokvel=p99,
+            target="<= baseline p99",
+            met=p99 <= bare_p99 and errors == 0,
+            baseline=bare_p99,
+            baseline_name=baseline_name,
+            ratio=p99 / bare_p99,
+            detail=detail,
+        ),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=int, default=10, help="measured seconds per server")
+    parser.add_argument("--seconds", type=int, default=10, help="measured seconds per round")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds per server")
+    parser.add_argument("--json", type=Path, help="write the figures there (bench/report.py)")
     parser.add_argument("--bare", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
     parser.add_argument("--load", help=argparse.SUPPRESS)
@@ -322,11 +388,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(json.dumps(data) + "\n")
         return 0
     seconds = min(max(args.seconds, 1), 60)  # bounded
-    results = bench(seconds, args.connections)
+    rounds = min(max(args.rounds, 1), 9)
+    results = bench(seconds, args.connections, rounds)
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     sys.stdout.write(
-        f"\n{stamp}  {os.cpu_count()} cores, {args.connections} connections, {seconds} s each, "
-        f"load by {results[0].tool}\n"
+        f"\n{stamp}  {os.cpu_count()} cores, {args.connections} connections, {seconds} s x "
+        f"{rounds} rounds each, load by {results[0].tool}\n"
     )
     sys.stdout.write(f"{'server':<10} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'non-2xx':>8}\n")
     for r in results:
@@ -334,11 +401,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r.name:<10} {r.requests_per_second:>10.0f} {r.p50_ms:>9.2f} {r.p99_ms:>9.2f} "
             f"{r.errors:>8}\n"
         )
-    gateway, bare = results
-    sys.stdout.write(
-        f"gateway / bare: {gateway.requests_per_second / bare.requests_per_second:.2f}x req/s, "
-        f"{gateway.p99_ms / bare.p99_ms:.2f}x p99\n"
-    )
+    out = figures(results, args.connections, seconds)
+    for figure in out:
+        sys.stdout.write(
+            f"{figure.figure}: {figure.tokvel:.2f} {figure.unit} vs {figure.baseline:.2f} "
+            f"(ratio {figure.ratio:.2f}, target {figure.target}): "
+            f"{'met' if figure.met else 'NOT met'}\n"
+        )
+    if args.json:
+        write_figures(args.json, out)
     return 0
 
 

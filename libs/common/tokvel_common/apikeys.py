@@ -33,11 +33,8 @@ Propagation of changes (revoke, rotate, set-tier)
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
-import logging
 import re
 import secrets
 import time
@@ -46,14 +43,11 @@ from collections.abc import Callable
 from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from tokvel_common.redis_client import DEFAULT_SOCKET_TIMEOUT_SECONDS, RedisClient
-from tokvel_common.serialization import DecodeError, decode, encode
+from tokvel_common.pubsub import ChannelListener
+from tokvel_common.redis_client import RedisClient
+from tokvel_common.serialization import encode
 from tokvel_common.settings import CommonSettings
-
-log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------- key format
 
@@ -268,12 +262,11 @@ async def announce_key_change(client: RedisClient, key_hash: str, action: KeyAct
     await client.publish(KEY_CHANGES_CHANNEL, encode(KeyChange(key_hash=key_hash, action=action)))
 
 
-class KeyChangeListener:
+class KeyChangeListener(ChannelListener[KeyChange]):
     """Calls ``on_change`` for each announced change and ``on_reset`` on every (re)subscription.
 
-    Pub/sub delivers at most once: a listener that lost its connection may have missed changes,
-    hence ``on_reset`` (drop every cached key). Its own connection, without a read timeout (a
-    quiet channel is no failure). On a Redis Cluster classic pub/sub is broadcast to every node,
+    ``on_reset`` drops every cached key: changes may have been missed meanwhile (see
+    :mod:`tokvel_common.pubsub`). On a Redis Cluster classic pub/sub is broadcast to every node,
     so subscribing through the configured node suffices.
     """
 
@@ -285,57 +278,10 @@ class KeyChangeListener:
         *,
         retry_seconds: float = 1.0,
     ) -> None:
-        self._url = url
-        self._on_change = on_change
-        self._on_reset = on_reset
-        self._retry_seconds = retry_seconds
-        self.subscribed = asyncio.Event()
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        """Ask :meth:`run` to return (within about a second).
-
-        Owners call this before cancelling: redis-py's pub/sub reads can absorb a cancellation
-        that lands at the wrong moment, so a loop relying on cancellation alone may never end.
-        """
-        self._stopping.set()
-
-    async def run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self._listen()
-            except (RedisError, OSError):
-                log.warning("api key change listener lost its connection", exc_info=True)
-            finally:
-                self.subscribed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._retry_seconds)
-
-    async def _listen(self) -> None:
-        subscriber = Redis.from_url(
-            self._url,
-            socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT_SECONDS,
-            health_check_interval=5,
+        super().__init__(
+            KEY_CHANGES_CHANNEL, KeyChange, on_change, on_reset, retry_seconds=retry_seconds
         )
-        pubsub = subscriber.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(KEY_CHANGES_CHANNEL)
-            self._on_reset()
-            self.subscribed.set()
-            while not self._stopping.is_set():
-                # get_message with a timeout (not listen()) so the connection's health check
-                # runs while the channel is quiet: a dead server is noticed within seconds.
-                item = await pubsub.get_message(timeout=1.0)
-                if item is None or item.get("type") != "message":
-                    continue
-                try:
-                    change = decode(item["data"], KeyChange)
-                except DecodeError:
-                    log.warning("ignoring a malformed api key change", exc_info=True)
-                    continue
-                self._on_change(change)
-        finally:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
-            with contextlib.suppress(RedisError, OSError):
-                await subscriber.aclose()
+        self._url = url
+
+    def subscriber_urls(self) -> list[str]:
+        return [self._url]

@@ -5,6 +5,7 @@ instance of every service that keeps an in-process cache runs an :class:`Invalid
 and drops what the message names. Pub/sub delivers at most once: a listener that loses its
 connection may have missed messages, so on every (re)subscription it calls ``on_reset``, which
 must drop the whole in-process cache. In-process caches still carry a short TTL of their own.
+Owners stop a listener with ``stop()`` before cancelling it (see :mod:`tokvel_common.pubsub`).
 
 Redis Cluster broadcasts classic pub/sub messages to every node, so the listener subscribes on
 one node and moves to another when that one fails; publishing works through any node.
@@ -12,25 +13,19 @@ one node and moves to another when that one fails; publishing works through any 
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import logging
 from collections.abc import Callable
 from datetime import date
 from typing import Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict
-from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
-from tokvel_common.redis_client import DEFAULT_SOCKET_TIMEOUT_SECONDS, RedisClient
-from tokvel_common.serialization import DecodeError, decode, encode
+from tokvel_common.pubsub import ChannelListener
+from tokvel_common.redis_client import RedisClient
+from tokvel_common.serialization import encode
 
 CHANNEL: Final = "tokvel:invalidate"
-
-log = logging.getLogger(__name__)
 
 
 class Invalidation(BaseModel):
@@ -56,7 +51,7 @@ def _node_url(url: str, host: str, port: int) -> str:
     return urlunsplit(parts._replace(netloc=netloc, path=""))
 
 
-class InvalidationListener:
+class InvalidationListener(ChannelListener[Invalidation]):
     """Calls ``on_message`` for every invalidation and ``on_reset`` on every (re)subscription."""
 
     def __init__(
@@ -68,52 +63,13 @@ class InvalidationListener:
         *,
         retry_seconds: float = 1.0,
     ) -> None:
+        super().__init__(CHANNEL, Invalidation, on_message, on_reset, retry_seconds=retry_seconds)
         self._client = client
         self._url = url
-        self._on_message = on_message
-        self._on_reset = on_reset
-        self._retry_seconds = retry_seconds
-        self.subscribed = asyncio.Event()
 
-    def _subscriber_urls(self) -> list[str]:
+    def subscriber_urls(self) -> list[str]:
         if isinstance(self._client, RedisCluster):
             nodes = self._client.get_nodes()
             if nodes:
                 return [_node_url(self._url, node.host, int(node.port)) for node in nodes]
         return [self._url]
-
-    async def run(self) -> None:
-        """Listen until cancelled, moving to the next node after a failure."""
-        for attempt in itertools.count():
-            urls = self._subscriber_urls()
-            url = urls[attempt % len(urls)]
-            try:
-                await self._listen(url)
-            except (RedisError, OSError):
-                log.warning("invalidation listener lost its connection", exc_info=True)
-            finally:
-                self.subscribed.clear()
-            await asyncio.sleep(self._retry_seconds)
-
-    async def _listen(self, url: str) -> None:
-        # Its own connection with no read timeout: a quiet channel is not a failure.
-        subscriber = Redis.from_url(
-            url, socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT_SECONDS, health_check_interval=30
-        )
-        pubsub = subscriber.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(CHANNEL)
-            self._on_reset()
-            self.subscribed.set()
-            async for item in pubsub.listen():
-                if item.get("type") != "message":
-                    continue
-                try:
-                    message = decode(item["data"], Invalidation)
-                except DecodeError:
-                    log.warning("ignoring a malformed invalidation", exc_info=True)
-                    continue
-                self._on_message(message)
-        finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # unannotated in redis-py
-            await subscriber.aclose()

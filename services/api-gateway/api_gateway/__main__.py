@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from aiohttp import web
 
 from api_gateway.app import create_app
 from api_gateway.settings import GatewaySettings
-from tokvel_common.logging import configure_logging
+from tokvel_common.logging import AccessLogger, configure_logging
 
 log = logging.getLogger("api_gateway")
 
@@ -31,11 +32,17 @@ def main(argv: Sequence[str]) -> int:
             "development (keys created under one pepper are invalid under another)"
         )
     log.info("gateway starting", extra={"host": settings.host, "port": settings.port})
+    app = create_app(settings)
+    # Everything built so far (modules, pydantic schemas, the OpenAPI document) lives as long as
+    # the process: out of the collector's way, a full collection walks only what requests
+    # allocate, instead of pausing every request for tens of milliseconds.
+    gc.freeze()
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
+        access_log_class=AccessLogger,
         print=None,
     )
     return 0

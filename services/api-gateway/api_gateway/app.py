@@ -3,8 +3,8 @@
 Resources are opened in dependency order, each in its own ``cleanup_ctx`` generator, and closed
 in reverse: the PostgreSQL pool, the Redis client, the services built on both (repository,
 readers, key cache, limiter), the quota flusher and the access-count flusher (each flushes once
-more on shutdown), the key-change listener. ``web.run_app`` (in ``__main__``) turns SIGTERM
-into that orderly shutdown.
+more on shutdown), the key-change listener, the cache invalidation listener. ``web.run_app``
+(in ``__main__``) turns SIGTERM into that orderly shutdown.
 
 The pool starts empty (min size 0) so the gateway starts, and serves what Redis holds, while
 PostgreSQL is still unavailable; ``/readyz`` reports ready when PostgreSQL or Redis answers,
@@ -26,6 +26,7 @@ from api_gateway.access import AccessCounter
 from api_gateway.auth import Authenticator
 from api_gateway.cache_aside import TokenReader
 from api_gateway.errors import DatabaseUnavailable
+from api_gateway.local_cache import LocalCache
 from api_gateway.metrics import GatewayMetrics
 from api_gateway.middleware import guard, observe
 from api_gateway.openapi import openapi_bytes
@@ -39,6 +40,7 @@ from api_gateway.state import (
     ACCESS,
     AUTHENTICATOR,
     LIMITER,
+    LOCAL_CACHE,
     METRICS,
     OPENAPI,
     POOL,
@@ -50,55 +52,25 @@ from api_gateway.state import (
     SETTINGS,
 )
 from tokvel_common.apikeys import KeyChange, KeyChangeListener
-from tokvel_common.db.pool import create_pool
-from tokvel_common.logging import mask_dsn
+from tokvel_common.app_resources import (
+    cancel_and_wait,
+    postgres_pool,
+    redis_client,
+    stop_and_wait,
+)
+from tokvel_common.invalidation import InvalidationListener
 from tokvel_common.ops import add_ops_routes
-from tokvel_common.redis_client import create_redis
 
 log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "tokvel-api-gateway"
-CLIENT_MAX_SIZE = 64 * 1024  # the API takes no bodies; anything large is refused with 413
+CLIENT_MAX_SIZE = 64 * 1024  # the API takes no bodies (any is refused with 413, unread)
 FINAL_FLUSH_SECONDS = 5.0
 LISTENER_STOP_SECONDS = 2.0
 
-CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
-
-
-async def _postgres(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    dsn = settings.database_url.get_secret_value()
-    pool = await create_pool(
-        dsn,
-        min_size=0,
-        max_size=settings.db_pool_max_size,
-        command_timeout=settings.db_timeout_seconds,
-        application_name=APPLICATION_NAME,
-    )
-    app[POOL] = pool
-    log.info("postgres pool created", extra={"database": mask_dsn(dsn)})
-    try:
-        yield
-    finally:
-        await pool.close()
-
-
-async def _redis(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    client = create_redis(
-        settings.redis_url.get_secret_value(),
-        cluster=settings.redis_cluster,
-        socket_timeout=settings.redis_timeout_seconds,
-    )
-    app[REDIS] = client
-    try:
-        yield
-    finally:
-        await client.aclose()
-
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
-    """Plain objects over the two clients: nothing to close, but they need both open."""
+    """Plain objects over the two clients; the key cache owns its lookups in flight."""
     settings, metrics, quota = app[SETTINGS], app[METRICS], app[QUOTA]
     repository = GatewayRepository(app[POOL], settings.db_timeout_seconds)
     gate = RedisGate(app[REDIS], metrics, retry_seconds=settings.redis_retry_seconds)
@@ -106,20 +78,18 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[REPOSITORY] = repository
     app[REDIS_GATE] = gate
     app[ACCESS] = access
-    app[READER] = TokenReader(gate, repository, metrics, access)
-    app[AUTHENTICATOR] = Authenticator(
+    app[READER] = TokenReader(gate, repository, metrics, access, app[LOCAL_CACHE])
+    authenticator = Authenticator(
         repository, settings, quota, metrics, stale_seconds=settings.api_key_stale_seconds
     )
+    app[AUTHENTICATOR] = authenticator
     app[LIMITER] = RateLimiter(
         gate, quota, metrics, local_divisor=settings.rate_limit_local_divisor
     )
-    yield
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    try:
+        yield
+    finally:
+        await authenticator.keys.close()
 
 
 async def _quota_flusher(app: web.Application) -> AsyncIterator[None]:
@@ -130,7 +100,7 @@ async def _quota_flusher(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await _cancel(task)
+        await cancel_and_wait(task)
         # Requests counted since the last flush: one bounded last attempt.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FINAL_FLUSH_SECONDS):
@@ -147,7 +117,7 @@ async def _access_counts(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await _cancel(task)
+        await cancel_and_wait(task)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FINAL_FLUSH_SECONDS):
                 await access.flush()
@@ -158,21 +128,31 @@ async def _key_changes(app: web.Application) -> AsyncIterator[None]:
 
     def on_change(change: KeyChange) -> None:
         metrics.key_changes.inc()
-        authenticator.drop(change.key_hash)
+        authenticator.keys.drop(change.key_hash)
         limiter.drop(change.key_hash)
 
-    def on_reset() -> None:
-        authenticator.reset()
-
-    listener = KeyChangeListener(app[SETTINGS].redis_url.get_secret_value(), on_change, on_reset)
+    listener = KeyChangeListener(
+        app[SETTINGS].redis_url.get_secret_value(), on_change, authenticator.keys.reset
+    )
     task = asyncio.create_task(listener.run(), name="api-key-changes")
     try:
         yield
     finally:
-        listener.stop()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), LISTENER_STOP_SECONDS)
-        await _cancel(task)
+        await stop_and_wait(task, listener.stop, LISTENER_STOP_SECONDS)
+
+
+async def _invalidations(app: web.Application) -> AsyncIterator[None]:
+    """The writer's announcements drop entries of the in-process answer cache."""
+    local = app[LOCAL_CACHE]
+    listener = InvalidationListener(
+        app[REDIS], app[SETTINGS].redis_url.get_secret_value(), local.invalidate, local.reset
+    )
+    local.attach(listener.subscribed)
+    task = asyncio.create_task(listener.run(), name="cache-invalidations")
+    try:
+        yield
+    finally:
+        await stop_and_wait(task, listener.stop, LISTENER_STOP_SECONDS)
 
 
 def _readiness(app: web.Application) -> dict[str, Callable[[], Awaitable[bool]]]:
@@ -203,7 +183,27 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[METRICS] = metrics
     app[QUOTA] = QuotaTracker(metrics)
     app[OPENAPI] = openapi_bytes()
-    for ctx in (_postgres, _redis, _services, _quota_flusher, _access_counts, _key_changes):
+    app[LOCAL_CACHE] = LocalCache(settings.local_cache_seconds)
+    for ctx in (
+        postgres_pool(
+            POOL,
+            settings.database_url,
+            max_size=settings.db_pool_max_size,
+            command_timeout=settings.db_timeout_seconds,
+            application_name=APPLICATION_NAME,
+        ),
+        redis_client(
+            REDIS,
+            settings.redis_url,
+            cluster=settings.redis_cluster,
+            socket_timeout=settings.redis_timeout_seconds,
+        ),
+        _services,
+        _quota_flusher,
+        _access_counts,
+        _key_changes,
+        _invalidations,
+    ):
         app.cleanup_ctx.append(ctx)
     setup_routes(app)
     add_ops_routes(app, _readiness(app), metrics.registry)

@@ -25,8 +25,14 @@ class GatewayMetrics:
         )
         self.cache = Counter(
             "gateway_cache_lookups",
-            "Cache-aside lookups by kind (token, velocity, list) and result (hit, miss, error).",
+            "Cache-aside lookups by kind (token, velocity, list) and result (hit, miss).",
             ["kind", "result"],
+            registry=registry,
+        )
+        self.memory_hits = Counter(
+            "gateway_memory_cache_hits",
+            "Cache hits answered from process memory, without Redis, by kind (token, velocity).",
+            ["kind"],
             registry=registry,
         )
         self.redis_errors = Counter(
@@ -90,6 +96,13 @@ class GatewayMetrics:
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = self.cache.labels(kind, result)
+        child.inc()
+
+    def memory_hit(self, kind: str) -> None:
+        key = ("memory", kind)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.memory_hits.labels(kind)
         child.inc()
 
     def decision(self, backend: str, result: str) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
-import uuid
 from typing import Final
 
 from aiohttp import web
@@ -51,11 +51,15 @@ def _route_name(request: web.Request) -> str:
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     supplied = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = supplied if _REQUEST_ID_PATTERN.match(supplied) else uuid.uuid4().hex
+    request_id = supplied if _REQUEST_ID_PATTERN.match(supplied) else secrets.token_hex(16)
     request[REQUEST_ID] = request_id
     started = time.perf_counter()
     response: web.StreamResponse
     try:
+        if request.body_exists and request.match_info.http_exception is None:
+            # Every operation is a GET without a body: refuse one unread (never buffered,
+            # whatever its size or shape) rather than ignore it.
+            raise ApiError(413, "payload_too_large", "this API takes no request body")
         response = await handler(request)
     except ApiError as exc:
         response = error_response(exc.status, exc.code, exc.message)

@@ -9,10 +9,11 @@ double (``int | float``), never a rounded string.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime
 from typing import Annotated, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from tokvel_common.events import Trend
 
@@ -42,20 +43,38 @@ MAX_CSV_ROWS: Final = 100_000
 MAX_CURSOR_LENGTH: Final = 128
 MAX_CMC_ID: Final = 2**63 - 1  # bigint
 MAX_SYMBOL_LENGTH: Final = 64
+# No control characters (C0, DEL, C1): PostgreSQL text cannot hold NUL, and none is in a symbol.
+SYMBOL_PATTERN: Final = r"^[^\x00-\x1f\x7f-\x9f]+$"
 
-# Outside this range a date is a mistake (and date arithmetic near year 1 or 9999 overflows).
-EARLIEST: Final = datetime(1970, 1, 1, tzinfo=UTC)
-LATEST: Final = datetime(2999, 12, 31, tzinfo=UTC)
+# Outside these years a date is a mistake (and date arithmetic near year 1 or 9999 overflows).
+# The year is checked as written, before conversion to UTC, so that the published pattern says
+# exactly what is accepted (1970-01-01T00:00+01:00 is accepted, being 1969 only in UTC).
+EARLIEST_YEAR: Final = 1970
+LATEST_YEAR: Final = 2999
+# ISO 8601 text only (pydantic alone would also take a number as Unix time): a calendar date
+# in those years, then the rest of a date-time.
+QUERY_DATETIME_PATTERN: Final = r"^(19[7-9][0-9]|2[0-9]{3})-"
+_QUERY_DATETIME = re.compile(QUERY_DATETIME_PATTERN)
 
 
-def _utc_in_range(value: datetime) -> datetime:
-    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    if not EARLIEST <= value <= LATEST:
-        raise ValueError("must be between 1970-01-01 and 2999-12-31")
+def _iso_text(value: object) -> object:
+    if isinstance(value, str) and _QUERY_DATETIME.match(value) is None:
+        raise ValueError(f"must be an ISO 8601 date-time in {EARLIEST_YEAR}-{LATEST_YEAR}")
     return value
 
 
-QueryDatetime = Annotated[datetime, AfterValidator(_utc_in_range)]
+def _utc_in_range(value: datetime) -> datetime:
+    if not EARLIEST_YEAR <= value.year <= LATEST_YEAR:
+        raise ValueError(f"must be an ISO 8601 date-time in {EARLIEST_YEAR}-{LATEST_YEAR}")
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+QueryDatetime = Annotated[
+    datetime,
+    BeforeValidator(_iso_text),
+    AfterValidator(_utc_in_range),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": QUERY_DATETIME_PATTERN}),
+]
 
 
 class _Frozen(BaseModel):

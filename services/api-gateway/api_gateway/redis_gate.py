@@ -2,12 +2,11 @@
 
 Redis is an accelerator for the gateway, never a dependency of an answer. Each call is bounded
 by ``REDIS_TIMEOUT_SECONDS``: the client's connect, send and read timeouts are set to it (see
-``app._redis``), so no extra timer per call is needed. A failure (error or timeout) opens the
-breaker for
-``REDIS_RETRY_SECONDS``, during which calls fail at once instead of each paying the timeout;
-the first call after that pause tries Redis again. Callers catch
-:class:`~api_gateway.errors.RedisUnavailable` and fall back (PostgreSQL for data, the local
-limiter for rate limits).
+``tokvel_common.app_resources.redis_client``), so no extra timer per call is needed. A failure
+(error or timeout) opens the breaker for ``REDIS_RETRY_SECONDS``, during which calls fail at
+once instead of each paying the timeout; the first call after that pause tries Redis again.
+Callers catch :class:`~api_gateway.errors.RedisUnavailable` and fall back (PostgreSQL for data,
+the local limiter for rate limits).
 """
 
 from __future__ import annotations

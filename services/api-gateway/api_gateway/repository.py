@@ -37,6 +37,7 @@ from api_gateway.models import (
 from tokvel_common.apikeys import SELECT_KEY_BY_HASH
 from tokvel_common.cache import TokenMetadata, TokenSnapshot
 from tokvel_common.events import MetricsSample
+from tokvel_common.keylookup import KeyRecord
 
 PING: Final = "SELECT 1"
 
@@ -297,6 +298,10 @@ UNAVAILABLE_ERRORS: Final = (
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,  # shutdown, statement timeout
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    # A pooled connection the server terminated (pg_terminate_backend, a restart) can fail its
+    # next query with this (the protocol still consuming the server's error), not a
+    # connection error.
+    asyncpg.InternalClientError,
 )
 
 
@@ -317,17 +322,6 @@ def to_number(value: Any) -> int | float | None:
 def to_float(value: Any) -> float | None:
     number = to_number(value)
     return None if number is None else float(number)
-
-
-@dataclass(frozen=True)
-class KeyRecord:
-    id: int
-    key_hash: str
-    key_prefix: str
-    name: str
-    tier: str
-    is_active: bool
-    month_usage: int
 
 
 @dataclass(frozen=True)
@@ -472,18 +466,7 @@ class GatewayRepository:
 
     async def key_by_hash(self, key_hash: str, period_start: date) -> KeyRecord | None:
         rows = await self._fetch(SELECT_KEY_BY_HASH, key_hash, period_start)
-        if not rows:
-            return None
-        row = rows[0]
-        return KeyRecord(
-            id=row["id"],
-            key_hash=row["key_hash"],
-            key_prefix=row["key_prefix"],
-            name=row["name"],
-            tier=row["tier"],
-            is_active=row["is_active"],
-            month_usage=row["month_usage"],
-        )
+        return KeyRecord.from_row(rows[0]) if rows else None
 
     async def token(self, cmc_id: int) -> TokenRow | None:
         rows = await self._fetch(SELECT_BY_CMC_ID, cmc_id)

@@ -16,6 +16,7 @@ from api_gateway.handlers import dashboard, docs, symbols, tokens, usage
 from api_gateway.models import (
     MAX_CMC_ID,
     MAX_SYMBOL_LENGTH,
+    SYMBOL_PATTERN,
     HistoryQuery,
     HistoryResponse,
     SymbolResponse,
@@ -45,7 +46,12 @@ CMC_ID: Final = PathParam(
 )
 SYMBOL: Final = PathParam(
     "symbol",
-    {"type": "string", "minLength": 1, "maxLength": MAX_SYMBOL_LENGTH},
+    {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_SYMBOL_LENGTH,
+        "pattern": SYMBOL_PATTERN,
+    },
     "A ticker symbol, case-insensitive.",
 )
 

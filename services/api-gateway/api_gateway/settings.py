@@ -51,6 +51,14 @@ class GatewaySettings(ApiKeySettings):
         description="While Redis is down each replica enforces per-minute limit / this value "
         "on its own (set it to the replica count to keep the global rate at the limit).",
     )
+    local_cache_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        le=5,
+        description="How long a replica keeps a token or velocity answer read from Redis in "
+        "process (dropped at once when the writer announces new data; this bounds the delay "
+        "when an announcement is lost). 0 reads Redis on every request.",
+    )
     api_key_stale_seconds: float = Field(
         default=60.0,
         ge=0,

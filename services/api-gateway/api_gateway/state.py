@@ -10,6 +10,7 @@ from aiohttp import web
 from api_gateway.access import AccessCounter
 from api_gateway.auth import Authenticator, Principal
 from api_gateway.cache_aside import TokenReader
+from api_gateway.local_cache import LocalCache
 from api_gateway.metrics import GatewayMetrics
 from api_gateway.quota import QuotaTracker
 from api_gateway.ratelimit import Decision, RateLimiter
@@ -28,6 +29,7 @@ REDIS_GATE: Final = web.AppKey("redis_gate", RedisGate)
 ACCESS: Final = web.AppKey("access", AccessCounter)
 REPOSITORY: Final = web.AppKey("repository", GatewayRepository)
 READER: Final = web.AppKey("reader", TokenReader)
+LOCAL_CACHE: Final = web.AppKey("local_cache", LocalCache)
 AUTHENTICATOR: Final = web.AppKey("authenticator", Authenticator)
 LIMITER: Final = web.AppKey("limiter", RateLimiter)
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import uvloop
 from aiohttp import web
 
-from tokvel_common.logging import configure_logging
+from tokvel_common.logging import AccessLogger, configure_logging
 from tokvel_common.settings import settings_epilog
 from ws_broadcaster.app import create_app
 from ws_broadcaster.settings import WsSettings
@@ -66,6 +66,7 @@ def main(argv: Sequence[str]) -> int:
         host=settings.ws_host,
         port=settings.ws_port,
         access_log=logging.getLogger("aiohttp.access") if settings.ws_access_log else None,
+        access_log_class=AccessLogger,
         print=None,
         shutdown_timeout=settings.ws_shutdown_timeout_seconds + SHUTDOWN_GRACE_SECONDS,
     )

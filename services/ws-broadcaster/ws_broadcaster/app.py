@@ -15,7 +15,6 @@ removed at once (no waiting for the TTL), clients closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -23,10 +22,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from tokvel_common.apikeys import KeyChange, KeyChangeListener
-from tokvel_common.db.pool import create_pool
-from tokvel_common.logging import mask_dsn
+from tokvel_common.app_resources import (
+    cancel_and_wait,
+    postgres_pool,
+    redis_client,
+    stop_and_wait,
+)
 from tokvel_common.ops import add_ops_routes
-from tokvel_common.redis_client import create_redis
 from tokvel_common.topics import METRICS as METRICS_TOPIC
 from tokvel_common.topics import prefixed
 from ws_broadcaster.auth import KeyResolver
@@ -55,45 +57,7 @@ from ws_broadcaster.state import (
 log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "tokvel-ws-broadcaster"
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
-async def _postgres(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    dsn = settings.database_url.get_secret_value()
-    # Empty at start: the instance starts (and serves cached keys) while PostgreSQL is down.
-    pool = await create_pool(
-        dsn,
-        min_size=0,
-        max_size=settings.ws_db_pool_max_size,
-        command_timeout=settings.ws_db_timeout_seconds,
-        application_name=APPLICATION_NAME,
-    )
-    app[POOL] = pool
-    log.info("postgres pool created", extra={"database": mask_dsn(dsn)})
-    try:
-        yield
-    finally:
-        await pool.close()
-
-
-async def _redis(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    client = create_redis(
-        settings.redis_url.get_secret_value(),
-        cluster=settings.redis_cluster,
-        socket_timeout=settings.ws_redis_timeout_seconds,
-    )
-    app[REDIS] = client
-    try:
-        yield
-    finally:
-        await client.aclose()
+LISTENER_STOP_SECONDS = 2.0
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
@@ -128,7 +92,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await resolver.close()
+        await resolver.keys.close()
 
 
 async def _registry(app: web.Application) -> AsyncIterator[None]:
@@ -144,7 +108,7 @@ async def _registry(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await _cancel(task)
+        await cancel_and_wait(task)
         try:
             await registry.deregister()
         except REDIS_ERRORS:
@@ -165,14 +129,14 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await _cancel(task)
+        await cancel_and_wait(task)
 
 
 async def _key_changes(app: web.Application) -> AsyncIterator[None]:
     resolver, broadcaster = app[RESOLVER], app[BROADCASTER]
 
     def on_change(change: KeyChange) -> None:
-        resolver.drop(change.key_hash)
+        resolver.keys.drop(change.key_hash)
         if change.action in ("revoked", "rotated"):
             closed = broadcaster.close_key(
                 change.key_hash, f"api key {change.action}", "key_revoked"
@@ -181,13 +145,13 @@ async def _key_changes(app: web.Application) -> AsyncIterator[None]:
                 log.info("closed connections of a changed key", extra={"connections": closed})
 
     listener = KeyChangeListener(
-        app[SETTINGS].redis_url.get_secret_value(), on_change, resolver.reset
+        app[SETTINGS].redis_url.get_secret_value(), on_change, resolver.keys.reset
     )
     task = asyncio.create_task(listener.run(), name="ws-api-key-changes")
     try:
         yield
     finally:
-        await _cancel(task)
+        await stop_and_wait(task, listener.stop, LISTENER_STOP_SECONDS)
 
 
 async def _close_connections(app: web.Application) -> None:
@@ -217,7 +181,25 @@ def create_app(settings: WsSettings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[BUFFER] = ResumeBuffer(settings.ws_resume_buffer_size, settings.ws_resume_max_entries)
-    for ctx in (_postgres, _redis, _services, _registry, _consumer, _key_changes):
+    for ctx in (
+        postgres_pool(
+            POOL,
+            settings.database_url,
+            max_size=settings.ws_db_pool_max_size,
+            command_timeout=settings.ws_db_timeout_seconds,
+            application_name=APPLICATION_NAME,
+        ),
+        redis_client(
+            REDIS,
+            settings.redis_url,
+            cluster=settings.redis_cluster,
+            socket_timeout=settings.ws_redis_timeout_seconds,
+        ),
+        _services,
+        _registry,
+        _consumer,
+        _key_changes,
+    ):
         app.cleanup_ctx.append(ctx)
     app.on_shutdown.append(_close_connections)
     app.router.add_get(WS_PATH, websocket)

@@ -18,6 +18,7 @@ import asyncpg
 from tokvel_common.apikeys import SELECT_KEY_BY_HASH
 from tokvel_common.cache import TokenMetadata
 from tokvel_common.events import MetricsSample
+from tokvel_common.keylookup import KeyRecord
 
 PING: Final = "SELECT 1"
 
@@ -37,6 +38,7 @@ UNAVAILABLE_ERRORS: Final = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # a connection the server killed, met mid-query
 )
 
 _METADATA_FIELDS: Final = tuple(TokenMetadata.model_fields)
@@ -44,16 +46,6 @@ _METADATA_FIELDS: Final = tuple(TokenMetadata.model_fields)
 
 class DatabaseUnavailable(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class KeyRecord:
-    id: int
-    key_hash: str
-    key_prefix: str
-    name: str
-    tier: str
-    is_active: bool
 
 
 @dataclass(frozen=True)
@@ -80,17 +72,7 @@ class WsRepository:
 
     async def key_by_hash(self, key_hash: str, period_start: date) -> KeyRecord | None:
         rows = await self._fetch(SELECT_KEY_BY_HASH, key_hash, period_start)
-        if not rows:
-            return None
-        row = rows[0]
-        return KeyRecord(
-            id=row["id"],
-            key_hash=row["key_hash"],
-            key_prefix=row["key_prefix"],
-            name=row["name"],
-            tier=row["tier"],
-            is_active=row["is_active"],
-        )
+        return KeyRecord.from_row(rows[0]) if rows else None
 
     async def snapshots(self, cmc_ids: Sequence[int]) -> dict[int, StoredToken]:
         """The tokens among ``cmc_ids`` that PostgreSQL knows, with their newest sample."""

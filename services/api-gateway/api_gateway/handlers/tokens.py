@@ -22,6 +22,7 @@ from api_gateway.handlers.common import (
     json_response,
     parse_cmc_id,
     parse_query,
+    rendered_response,
 )
 from api_gateway.models import (
     MAX_CSV_ROWS,
@@ -31,16 +32,9 @@ from api_gateway.models import (
     HistoryQuery,
     HistoryResponse,
     Interval,
-    Meta,
-    MetricsOut,
-    TokenDetail,
     TokenListMeta,
     TokenListQuery,
     TokenListResponse,
-    TokenOut,
-    TokenResponse,
-    VelocityResponse,
-    WindowCoverageOut,
 )
 from api_gateway.repository import (
     DEFAULT_ORDER,
@@ -108,72 +102,15 @@ def _no_query(request: web.Request) -> None:
 async def get_token(request: web.Request) -> web.Response:
     cmc_id = parse_cmc_id(request)
     _no_query(request)
-    metadata, sample, source = await request.app[READER].token(cmc_id)
-    metrics = None
-    if sample is not None:
-        metrics = MetricsOut(
-            ts=sample.ts,
-            cmc_rank=sample.cmc_rank,
-            price_usd=sample.price_usd,
-            market_cap_usd=sample.market_cap_usd,
-            volume_24h_usd=sample.volume_24h_usd,
-            circulating_supply=sample.circulating_supply,
-            total_supply=sample.total_supply,
-            max_supply=sample.max_supply,
-            percent_change_1h=sample.percent_change_1h,
-            percent_change_24h=sample.percent_change_24h,
-            percent_change_7d=sample.percent_change_7d,
-            velocity=sample.velocity,
-            velocity_1h=sample.velocity_1h,
-            velocity_4h=sample.velocity_4h,
-            velocity_12h=sample.velocity_12h,
-            velocity_24h=sample.velocity_24h,
-            velocity_7d=sample.velocity_7d,
-            coverage={
-                name: WindowCoverageOut(
-                    points_used=cov.points_used, points_expected=cov.points_expected
-                )
-                for name, cov in sample.coverage.items()
-            },
-            trend=sample.trend,
-            data_quality_score=sample.data_quality_score,
-            quality_flags=sample.quality_flags,
-        )
-    token = TokenOut(
-        cmc_id=metadata.cmc_id,
-        symbol=metadata.symbol,
-        name=metadata.name,
-        slug=metadata.slug,
-        cmc_rank=metadata.cmc_rank,
-        description=metadata.description,
-        logo_url=metadata.logo_url,
-        website_url=metadata.website_url,
-        twitter_url=metadata.twitter_url,
-        reddit_url=metadata.reddit_url,
-        github_url=metadata.github_url,
-        whitepaper_url=metadata.whitepaper_url,
-        date_added=metadata.date_added,
-        is_active=metadata.is_active,
-    )
-    as_of = sample.ts if sample is not None else None
-    return json_response(
-        TokenResponse(
-            data=TokenDetail(token=token, metrics=metrics),
-            meta=Meta(as_of=as_of, age_s=freshness(as_of), source=source),
-        )
-    )
+    rendered, source = await request.app[READER].token(cmc_id)
+    return rendered_response(rendered, source)
 
 
 async def get_velocity(request: web.Request) -> web.Response:
     cmc_id = parse_cmc_id(request)
     _no_query(request)
-    data, source = await request.app[READER].velocity(cmc_id)
-    return json_response(
-        VelocityResponse(
-            data=data,
-            meta=Meta(as_of=data.calculated_at, age_s=freshness(data.calculated_at), source=source),
-        )
-    )
+    rendered, source = await request.app[READER].velocity(cmc_id)
+    return rendered_response(rendered, source)
 
 
 # --------------------------------------------------------------- /v1/tokens/{cmc_id}/history
