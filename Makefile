@@ -77,7 +77,7 @@ bench-ws: infra-up ## WS freshness raw -> client @ 1 000 subscribers; fan-out to
 bench-pipeline: infra-up ## recorded week raw -> PostgreSQL: whole pipeline vs plain aiokafka + writer code
 	$(PY) bench/pipeline.py
 
-redis-cluster-up: setup ## a private 3-master Redis Cluster on 127.0.0.1:36380-36382 (tests start it too)
+redis-cluster-up: setup ## a private 3-master Redis Cluster on 127.0.0.1:27380-27382 (tests start it too)
 	$(PY) -m tokvel_common.infra.redis_cluster up
 
 redis-cluster-down: setup ## stop the nodes redis-cluster-up started

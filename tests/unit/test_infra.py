@@ -100,8 +100,8 @@ def test_kafka_runs_as_one_kraft_node(tmp_path: Path) -> None:
     )
     assert props["process.roles"] == "broker,controller"
     assert props["node.id"] == "1"
-    assert props["controller.quorum.bootstrap.servers"] == "127.0.0.1:39093"
-    assert props["listeners"] == "PLAINTEXT://127.0.0.1:39092,CONTROLLER://127.0.0.1:39093"
+    assert props["controller.quorum.bootstrap.servers"] == "127.0.0.1:29093"
+    assert props["listeners"] == "PLAINTEXT://127.0.0.1:29092,CONTROLLER://127.0.0.1:29093"
     assert props["offsets.topic.replication.factor"] == "1"
     assert props["transaction.state.log.min.isr"] == "1"
     assert props["num.partitions"] == "6"

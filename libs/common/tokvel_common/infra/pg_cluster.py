@@ -9,7 +9,7 @@ silently turns WAL archiving off (a gap in the archive) or leaves a standby behi
     (:mod:`backups`), a small process of ours started and stopped with the stack: backups are
     part of the database's life, not of the application services the supervisor runs.
 ``TOKVEL_PG_STANDBY=1``
-    A second node (``postgresql-b``, port 35433 + offset) following the primary by synchronous
+    A second node (``postgresql-b``, port 25433 + offset) following the primary by synchronous
     streaming replication, and the watchdog (:mod:`pg_watchdog`) that promotes it when the
     primary dies and rebuilds the lost node as the new standby. The services then need the
     multi-host ``DATABASE_URL`` that ``tokvel infra env`` prints (``target_session_attrs=

@@ -1,6 +1,6 @@
 """PostgreSQL 15 nodes: private clusters on 127.0.0.1, owned by the ``tokvel`` superuser.
 
-The local stack has one node (``postgresql``, port 35432) and, with a hot standby, a second one
+The local stack has one node (``postgresql``, port 25432) and, with a hot standby, a second one
 (``postgresql-b``, the next port) inside the first one's home; :mod:`pg_cluster` decides which
 node runs as what. This module knows how to create, configure, start, stop and reach one node.
 

@@ -43,7 +43,7 @@ from tokvel_common.infra.process import (
 from tokvel_common.infra.system import redis_server_binary
 
 NAME = "redis-cluster"
-PORTS: tuple[int, ...] = tuple(port + localstack.PORT_OFFSET for port in (36380, 36381, 36382))
+PORTS: tuple[int, ...] = tuple(port + localstack.PORT_OFFSET for port in (27380, 27381, 27382))
 SLOTS = 16384
 MAXMEMORY = "64mb"
 STARTUP_TIMEOUT = 30.0
@@ -73,7 +73,7 @@ def locate(layout: Layout, port: int) -> NodePaths:
 
 
 def bus_port(port: int) -> int:
-    return port - 10000
+    return port - 1000
 
 
 def url(ports: Sequence[int] = PORTS) -> str:
