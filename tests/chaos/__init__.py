@@ -6,7 +6,8 @@ recorded 5-minute week one snapshot per 0.3 s under a steady REST load, and mean
 
 1. kill -9 each of ingestor, velocity worker, writer, gateway, broadcaster (the supervisor
    restarts them), three rounds, the second while PostgreSQL is down;
-2. freezes Redis (SIGSTOP) for 60 s;
+2. freezes Redis (SIGSTOP) for 60 s; then stops it, wipes its data and starts it again, and
+   times the cache's warming (the gateway's hit rate back to 90 % within 60 s);
 3. restarts the Kafka broker twice (SIGTERM, then SIGKILL);
 4. stops PostgreSQL for 5 minutes, then times the writer's catch-up;
 5. makes the network to PostgreSQL, then to Redis, drop every packet (a blackholed proxy in

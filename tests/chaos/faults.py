@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -218,6 +219,173 @@ class RedisOutage:
         log("SIGCONT redis")
         await asyncio.sleep(AFTER_FAULT_SECONDS)
         return _calls_figures(chaos, self.name, (started, ended), postgres_away=False)
+
+
+WARM_TARGET_SHARE = 0.9
+WARM_TARGET_SECONDS = 60.0
+WARM_LIMIT_SECONDS = 180.0  # sampling goes on past the target to say when it got there
+WARM_SAMPLE_SECONDS = 1.0
+# One second holds some 17 lookups of the load (its history calls read PostgreSQL only), so
+# one miss would swing a one-second rate by 6 %: the rate is taken over the last 5 samples.
+WARM_WINDOW_SAMPLES = 5
+CACHE_KINDS = ("token", "velocity", "list")
+# The target is on the per-token keys, which warming restores. List pages are dropped by every
+# new snapshot, which the replay brings every 0.3 s instead of every 60 s: under it they miss
+# nearly always, before the fault as after (~9 % of the load's lookups), and are only shown.
+WARMED_KINDS = ("token", "velocity")
+
+
+def _percent(share: float | None) -> str:
+    return "no lookups" if share is None else f"{100 * share:.1f} %"
+
+
+@dataclass(frozen=True)
+class CacheCounts:
+    """The gateway's cache-aside lookups so far (its own counters), at ``at``."""
+
+    at: float  # time.monotonic()
+    hits: dict[str, float]  # by kind (CACHE_KINDS)
+    misses: dict[str, float]
+    memory_hits: float  # of the hits: answered from process memory, not Redis
+
+    def since(self, earlier: CacheCounts) -> CacheCounts:
+        return CacheCounts(
+            self.at - earlier.at,
+            {kind: self.hits[kind] - earlier.hits[kind] for kind in CACHE_KINDS},
+            {kind: self.misses[kind] - earlier.misses[kind] for kind in CACHE_KINDS},
+            self.memory_hits - earlier.memory_hits,
+        )
+
+    def share(self, kinds: Sequence[str] = WARMED_KINDS) -> float | None:
+        hits = sum(self.hits[kind] for kind in kinds)
+        lookups = hits + sum(self.misses[kind] for kind in kinds)
+        return hits / lookups if lookups else None
+
+    def describe(self) -> str:
+        kinds = ", ".join(
+            f"{kind} {self.hits[kind]:g}/{self.hits[kind] + self.misses[kind]:g}"
+            for kind in CACHE_KINDS
+        )
+        return (
+            f"{_percent(self.share())} ({kinds} hits/lookups, all kinds "
+            f"{_percent(self.share(CACHE_KINDS))}; {self.memory_hits:g} hits from process memory)"
+        )
+
+
+async def cache_counts(chaos: Chaos) -> CacheCounts | None:
+    at = time.monotonic()
+    samples = await chaos.metric_samples(chaos.ports.gateway)
+    if samples is None:
+        return None
+    lookups = [s for s in samples if s.name == "gateway_cache_lookups_total"]
+
+    def total(kind: str, result: str) -> float:
+        return sum(
+            s.value
+            for s in lookups
+            if s.labels.get("kind") == kind and s.labels.get("result") == result
+        )
+
+    return CacheCounts(
+        at,
+        hits={kind: total(kind, "hit") for kind in CACHE_KINDS},
+        misses={kind: total(kind, "miss") for kind in CACHE_KINDS},
+        memory_hits=sum(s.value for s in samples if s.name == "gateway_memory_cache_hits_total"),
+    )
+
+
+@dataclass(frozen=True)
+class WarmingSeen:
+    """The gateway's hit rate, over the last WARM_WINDOW_SAMPLES seconds, after a restart."""
+
+    reached: float | None  # seconds until it was WARM_TARGET_SHARE or more
+    at_target: CacheCounts | None  # the window ending WARM_TARGET_SECONDS after
+
+
+async def watch_warming(chaos: Chaos, back: float) -> WarmingSeen:
+    """Sample the gateway's counters every second from ``back`` on, until both are known (or
+    WARM_LIMIT_SECONDS)."""
+    counts: list[CacheCounts] = []
+    reached: float | None = None
+    at_target: CacheCounts | None = None
+    ticks = 0
+    while time.monotonic() - back < WARM_LIMIT_SECONDS:
+        ticks += 1
+        sample = await cache_counts(chaos)
+        if sample is not None:
+            counts.append(sample)
+        if len(counts) > WARM_WINDOW_SAMPLES:
+            window = counts[-1].since(counts[-1 - WARM_WINDOW_SAMPLES])
+            after = counts[-1].at - back
+            share = window.share()
+            log(f"  {after:5.1f} s: {window.describe()}")
+            if reached is None and share is not None and share >= WARM_TARGET_SHARE:
+                reached = after
+            if at_target is None and after >= WARM_TARGET_SECONDS:
+                at_target = window
+            if at_target is not None and reached is not None:
+                break
+        await asyncio.sleep(max(0.0, back + ticks * WARM_SAMPLE_SECONDS - time.monotonic()))
+    return WarmingSeen(reached, at_target)
+
+
+@dataclass(frozen=True)
+class RedisRestart:
+    """Redis stopped, its data wiped (the worst case: the append-only file lost), started
+    again under API load; then how fast the cache warms back up: the writer rewrites the top
+    tokens when it sees Redis restarted, the gateway's cache-aside reads fill in the rest.
+    The figures are the gateway's cache hit rate over the last seconds, from its /metrics."""
+
+    @property
+    def name(self) -> str:
+        return "Redis restarted with its data wiped"
+
+    async def run(self, chaos: Chaos) -> list[Figure]:
+        paths = redis.locate(chaos.layout)
+        warm_runs = "tokvel_cache_warm_runs_total"
+        warmed_before = await chaos.metric_sum(chaos.ports.writer_ops, warm_runs)
+        first = await cache_counts(chaos)
+        await asyncio.sleep(WARM_WINDOW_SAMPLES * WARM_SAMPLE_SECONDS)
+        last = await cache_counts(chaos)
+        before = None if first is None or last is None else last.since(first)
+        log(f"  hit rate before: {'unknown' if before is None else before.describe()}")
+        log(f"stopping Redis, wiping {paths.data}")
+        await asyncio.to_thread(redis.down, chaos.layout)
+        await asyncio.to_thread(shutil.rmtree, paths.data)
+        taken = await start_again(lambda: redis.up(chaos.layout), [paths.log], "Redis")
+        back = time.monotonic()
+        log(f"  Redis back, empty ({taken} times its port was taken)")
+        seen = await watch_warming(chaos, back)
+        warmed = (await chaos.metric_sum(chaos.ports.writer_ops, warm_runs) or 0) - (
+            warmed_before or 0
+        )
+        log(f"  writer warm-ups meanwhile: {warmed:g}")
+        target = f"≥ {100 * WARM_TARGET_SHARE:g} %"
+        share_at_target = None if seen.at_target is None else seen.at_target.share()
+        what = "token and velocity cache hit rate"
+        return [
+            Figure(
+                f"{what} before Redis restarted empty",
+                "unknown" if before is None else before.describe(),
+                "-",
+                True,
+            ),
+            Figure(
+                f"{what} {target} after Redis restarted empty",
+                "never" if seen.reached is None else f"after {seen.reached:.1f} s",
+                f"≤ {WARM_TARGET_SECONDS:g} s",
+                seen.reached is not None and seen.reached <= WARM_TARGET_SECONDS,
+            ),
+            Figure(
+                f"{what} {WARM_TARGET_SECONDS:g} s after Redis restarted empty",
+                "unknown" if seen.at_target is None else seen.at_target.describe(),
+                target,
+                share_at_target is not None and share_at_target >= WARM_TARGET_SHARE,
+            ),
+            Figure(
+                "writer warm-ups after Redis restarted empty", f"{warmed:g}", "≥ 1", warmed >= 1
+            ),
+        ]
 
 
 # ---------------------------------------------------------------------------- PostgreSQL

@@ -21,6 +21,7 @@ from tests.chaos.faults import (
     NetworkFault,
     PostgresOutage,
     RedisOutage,
+    RedisRestart,
     Step,
     kill_figures,
     start_again,
@@ -53,6 +54,7 @@ FULL = Plan(
     steps=(
         ("kill-1", KillServices(label="kill -9 every service (1)")),
         ("redis", RedisOutage(60)),
+        ("redis-restart", RedisRestart()),
         ("kafka-1", KafkaRestart(signal.SIGTERM)),
         (
             "postgres",

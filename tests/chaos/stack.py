@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from redis.asyncio import Redis
 
 from tests.chaos.load import ApiLoad, Call, paths_for
@@ -203,8 +204,8 @@ class Chaos:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    async def metric_sum(self, port: int, name: str) -> float | None:
-        """The sum of every sample of a Prometheus metric of the service on ``port``."""
+    async def metric_samples(self, port: int) -> list[Sample] | None:
+        """Every Prometheus sample of the service on ``port``; None when it does not answer."""
         try:
             async with self.http.get(
                 f"http://127.0.0.1:{port}/metrics",
@@ -213,12 +214,16 @@ class Chaos:
                 text = await response.text()
         except (aiohttp.ClientError, TimeoutError):
             return None
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name
-        )
+        return [
+            sample for family in text_string_to_metric_families(text) for sample in family.samples
+        ]
+
+    async def metric_sum(self, port: int, name: str) -> float | None:
+        """The sum of every sample of a Prometheus metric of the service on ``port``."""
+        samples = await self.metric_samples(port)
+        if samples is None:
+            return None
+        return sum(sample.value for sample in samples if sample.name == name)
 
     async def stored_rows(self) -> int | None:
         """Rows of token_metrics, or None while PostgreSQL does not answer."""
