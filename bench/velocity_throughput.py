@@ -42,6 +42,11 @@ from tokvel_common.serialization import encode, encode_key
 from tokvel_common.settings import CommonSettings
 from tokvel_common.topics import RAW_QUOTES, TOPICS, prefixed
 
+# bench/report.py: the result shape every benchmark writes.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import Figure, write_figures
+
 ROOT = Path(__file__).resolve().parents[1]
 STEP_TIMEOUT_SECONDS = 300.0
 POLL_SECONDS = 0.25
@@ -207,7 +212,7 @@ async def measure_round(
         await admin.close()
 
 
-async def run(quotes: int, rounds: int, baseline: bool) -> None:
+async def run(quotes: int, rounds: int, baseline: bool, json_path: Path | None) -> None:
     settings = CommonSettings()
     rates: list[Rate] = []
     bares: list[Rate] = []
@@ -230,6 +235,29 @@ async def run(quotes: int, rounds: int, baseline: bool) -> None:
             f"velocity / bare: {best.per_second / bare.per_second:.0%} of the quotes/s, "
             f"{best.per_cpu_second / bare.per_cpu_second:.0%} per CPU second"
         )
+    if json_path is not None:
+        bare_rate = (
+            Rate(max(r.per_second for r in bares), max(r.per_cpu_second for r in bares))
+            if bares
+            else None
+        )
+        ratio = best.per_second / bare_rate.per_second if bare_rate else None
+        write_figures(
+            json_path,
+            [
+                Figure(
+                    figure=f"velocity worker quotes/s ({quotes:,} quotes)",
+                    unit="quotes/s",
+                    tokvel=best.per_second,
+                    target="≥50% of baseline",
+                    met=ratio is not None and ratio >= 0.5,
+                    baseline=bare_rate.per_second if bare_rate else None,
+                    baseline_name="bare Faust agent iterating the same topic",
+                    ratio=ratio,
+                    detail={"per_cpu_second": best.per_cpu_second, "rounds": rounds},
+                )
+            ],
+        )
     print(  # noqa: T201
         f"data {settings.tokvel_replay_data.name}, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.1f}, {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
@@ -245,8 +273,9 @@ def main() -> None:
     parser.add_argument("--quotes", type=int, default=100_000, help="backlog size (default 100000)")
     parser.add_argument("--rounds", type=int, default=2, help="fresh topics each (default 2)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
+    parser.add_argument("--json", type=Path, help="write the figure here (bench/report.py)")
     args = parser.parse_args()
-    asyncio.run(run(args.quotes, args.rounds, args.baseline))
+    asyncio.run(run(args.quotes, args.rounds, args.baseline, args.json))
 
 
 if __name__ == "__main__":
