@@ -18,6 +18,7 @@ import dataclasses
 import os
 import pwd
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,10 @@ from tokvel_common.infra.system import PG_BIN, PG_SYSTEM_USER, first_blocked, is
 NAME = "postgresql"
 SECOND_NAME = "postgresql-b"
 SECOND_HOME = "node-b"  # the second node lives inside the first one's home: one dir to reset
-SOCKET_NAME = f".s.PGSQL.{localstack.POSTGRES_PORT}"
+SOCKET_PREFIX = ".s.PGSQL."
+SOCKET_NAME = f"{SOCKET_PREFIX}{localstack.POSTGRES_PORT}"
+# How long a start waits for a killed postmaster to be reaped before clearing its locks.
+ZOMBIE_WAIT_SECONDS = 10.0
 MAX_SOCKET_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 STANDBY_SIGNAL = "standby.signal"
 
@@ -254,12 +258,30 @@ def running_pid(node: PgPaths) -> int | None:
     return pid if pid is not None and matches(pid, node.markers) else None
 
 
+def _unreaped(pid: int) -> bool:
+    """A process that died and is not reaped yet (a zombie): it holds no files nor sockets."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _clear_stale_lock(node: PgPaths) -> None:
     # A postmaster.pid naming a reused pid (say, after a container restart) stops PostgreSQL
-    # from starting; one whose process is not our postmaster is stale.
-    if node.postmaster_pid.exists() and running_pid(node) is None:
-        say(f"  {node.name}: removing stale {node.postmaster_pid}")
-        node.postmaster_pid.unlink()
+    # from starting; one whose process is not our postmaster is stale. So does the socket's
+    # lock file of a postmaster killed a moment ago: PostgreSQL takes a zombie for alive.
+    if running_pid(node) is not None:
+        return
+    old_pid = read_pid(node.postmaster_pid)
+    if old_pid is not None:
+        deadline = time.monotonic() + ZOMBIE_WAIT_SECONDS
+        while _unreaped(old_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    socket_lock = node.socket_dir / f"{SOCKET_PREFIX}{node.port}.lock"
+    for stale in (node.postmaster_pid, socket_lock):
+        if stale.exists():
+            say(f"  {node.name}: removing stale {stale}")
+            stale.unlink(missing_ok=True)
 
 
 async def connect(
