@@ -1,8 +1,11 @@
-"""The baseline of bench/velocity_throughput.py: a bare Faust agent iterating cmc.quotes.raw.
+"""The baseline of the velocity benchmarks: a bare Faust agent iterating cmc.quotes.raw.
 
-Same broker, serializers and logging as the velocity worker, and no work per message. Prints
-one JSON line with the seconds (wall clock and CPU) between its first and its BENCH_QUOTES-th
-message, then idles until SIGTERM. Configured from the environment by the benchmark.
+Same broker, topic definition (raw bytes: ``velocity.topics.define_topics``), serializers,
+logging and garbage-collector settings (``velocity.app.tune_garbage_collector``) as the velocity
+worker, and no work per message: what Faust itself costs per message.
+Prints one JSON line with the seconds (wall clock and CPU) between its first and its
+BENCH_QUOTES-th message, then idles until SIGTERM. Configured from the environment by the
+benchmark (KAFKA_BOOTSTRAP_SERVERS, TOPIC_PREFIX, BENCH_QUOTES, BENCH_DATA_DIR).
 """
 
 from __future__ import annotations
@@ -15,24 +18,28 @@ import faust
 import orjson
 
 from tokvel_common.logging import configure_logging
-from tokvel_common.topics import RAW_QUOTES, prefixed
+from tokvel_common.settings import CommonSettings
+from velocity.app import tune_garbage_collector
+from velocity.topics import define_topics
 
 
 def main() -> int:
-    prefix = os.environ["BENCH_PREFIX"]
+    settings = CommonSettings()
     quotes = int(os.environ["BENCH_QUOTES"])
     configure_logging("bench-bare-agent", "WARNING")
     app = faust.App(
-        f"{prefix}bare-agent",
-        broker=f"kafka://{os.environ['KAFKA_BOOTSTRAP_SERVERS']}",
+        f"{settings.topic_prefix}bare-agent",
+        broker=f"kafka://{settings.kafka_bootstrap_servers}",
         store="memory://",
         datadir=os.environ["BENCH_DATA_DIR"],
         autodiscover=False,
         web_enabled=False,
         topic_disable_leader=True,
+        key_serializer="raw",
+        value_serializer="raw",
         consumer_auto_offset_reset="earliest",
     )
-    raw = app.topic(prefixed(prefix, RAW_QUOTES), key_type=bytes, value_type=bytes)
+    raw = define_topics(app, settings).raw
 
     @app.agent(raw)
     async def count(stream: faust.StreamT[bytes]) -> None:
@@ -49,6 +56,7 @@ def main() -> int:
                 }
                 print(orjson.dumps(report).decode(), flush=True)  # noqa: T201
 
+    tune_garbage_collector()
     worker = faust.Worker(app, override_logging=False, redirect_stdouts=False, quiet=True)
     worker.spinner = None
     try:

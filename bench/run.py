@@ -76,6 +76,11 @@ BENCHMARKS = (
         1200, quick_args=("--quotes", "20000", "--rounds", "1"),
     ),
     Benchmark(
+        "velocity-scaleout", "velocity_scaleout.py",
+        "two velocity workers vs one on the same backlog",
+        1500, quick_args=("--quotes", "40000", "--rounds", "1"),
+    ),
+    Benchmark(
         "pipeline", "pipeline.py",
         "recorded week raw -> PostgreSQL: whole pipeline vs plain aiokafka into the writer's code",
         2400, quick_args=("--samples", "50000"),

@@ -15,7 +15,7 @@ from tokvel_common.serialization import encode, encode_key
 from tokvel_common.topics import TOPICS, prefixed
 
 
-async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str]) -> None:
+async def wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str]) -> None:
     """New topics answer NotLeader until every partition has a leader: wait for that."""
     async with asyncio.timeout(30):
         while True:
@@ -49,7 +49,7 @@ async def tokvel_topics(bootstrap_servers: str, prefix: str) -> AsyncIterator[li
                 for spec in TOPICS
             ]
         )
-        await _wait_for_leaders(admin, names)
+        await wait_for_leaders(admin, names)
         yield names
         await admin.delete_topics(names)
     finally:

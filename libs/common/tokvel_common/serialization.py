@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, TypeVar
 
 import orjson
@@ -43,8 +42,11 @@ def encode_key(cmc_id: int) -> bytes:
 
 
 # orjson turns an integer beyond 64 bits into a float, silently; such a document (any run of 19
-# digits may be one) is parsed by the standard library, which keeps every integer exact.
-_LONG_DIGIT_RUN = re.compile(rb"\d{19}")
+# digits may be one) is parsed by the standard library, which keeps every integer exact. The run
+# is looked for with every ASCII digit mapped to b"0" and every other byte to b" ": a substring
+# search, nine times faster than the regex \d{19} (7 us per recorded quote, on every message).
+_DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_LONG_DIGIT_RUN = b"0" * 19
 
 
 def _no_constants(name: str) -> Any:
@@ -57,7 +59,7 @@ def loads(data: bytes | str) -> Any:
     Raises ``ValueError`` (orjson's and the standard library's decode errors are ones).
     """
     raw = data.encode() if isinstance(data, str) else data
-    if _LONG_DIGIT_RUN.search(raw) is None:
+    if _LONG_DIGIT_RUN not in raw.translate(_DIGITS_AS_ZEROS):
         return orjson.loads(raw)
     return json.loads(raw, parse_constant=_no_constants)
 

@@ -9,6 +9,7 @@ Modules
               with the ops side server. ``app``  the composition root (``create_app``).
 ``topics``    topic names under TOPIC_PREFIX. ``tables``  the state table and its value format.
 ``agents``    the batch pipeline. ``rules``  pure domain rules (validation, one quote applied).
+``publish``   records sent as aiokafka record batches, one per topic partition.
 ``metrics``   Prometheus metrics. ``web``  /healthz, /readyz, /metrics.
 ``settings``  VelocitySettings (every field is an environment variable, see ``--help``).
 
@@ -71,16 +72,15 @@ rocksdict under VELOCITY_DATA_DIR; a restart reads only the changelog's tail).
 
 Recovery: at-least-once made exact (agents.py)
 ----------------------------------------------
-A batch (``stream.take_events``, VELOCITY_BATCH_SIZE / VELOCITY_BATCH_WITHIN_SECONDS) is applied
+A batch (``stream.noack_take``, VELOCITY_BATCH_SIZE / VELOCITY_BATCH_WITHIN_SECONDS) is applied
 message by message in offset order; a message whose (partition, offset) its token's state has
 already applied is skipped (redelivered after a crash or a rebalance). Then, in one delivery
 task, jobs in order: (1) every sample and dead letter of the batch is sent and its broker
 acknowledgement (acks=all) awaited; (2) only then each changed token state is written, once per
 token, and its changelog record's acknowledgement awaited; (3) only then are the batch's input
-messages acked, which is what lets Faust commit their offsets. Each message is ``incref``-ed
-while its job is pending, so the ack ``take_events`` gives it is not the final one; the next
-batch is applied while the previous one waits for the broker (states not yet written are kept
-in an overlay read before the table).
+messages acked, which is what lets Faust commit their offsets (``noack_take`` acks nothing
+itself: that ack is the only one); the next batch is applied while the previous one waits for
+the broker (states not yet written are kept in an overlay read before the table).
 
 What Faust guarantees, and what it does not: it commits only offsets of acked messages, and on
 a rebalance or a stop it waits until every message it delivered is acked
@@ -88,9 +88,10 @@ a rebalance or a stop it waits until every message it delivered is acked
 ``producer.flush()`` before committing, but that flush is not strict: its buffer's flush gives
 up after 0.1 s without progress, and a record taken off the buffer but not yet handed to
 aiokafka is in neither queue. So the state is not written with ``table[key] = value`` (whose
-changelog record goes through that buffer, its delivery future dropped): ``StateTable.write``
-writes the store and sends the changelog record itself, and the delivery task awaits its
-acknowledgement before acking the input (tables.py). Faust may also replay changelog entries
+changelog record goes through that buffer, its delivery future dropped): ``StateTable.store``
+writes the store and returns the changelog record, which the delivery task publishes itself
+(in record batches, ``publish.py``) and whose acknowledgement it awaits before acking the input
+(tables.py). Faust may also replay changelog entries
 past the committed source offset; the (partition, offset) in each state makes that harmless.
 
 Consequences, whatever the moment a worker dies (SIGKILL included): a state in the changelog

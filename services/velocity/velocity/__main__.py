@@ -10,7 +10,7 @@ import faust
 
 from tokvel_common.logging import configure_logging
 from tokvel_common.settings import settings_epilog
-from velocity.app import create_app
+from velocity.app import create_app, tune_garbage_collector
 from velocity.settings import VelocitySettings
 from velocity.web import OpsServer
 
@@ -26,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = VelocitySettings()
     configure_logging("velocity", settings.log_level)
     app = create_app(settings)
+    tune_garbage_collector()
     worker = faust.Worker(
         app,
         OpsServer(app, settings.velocity_ops_host, settings.velocity_ops_port),

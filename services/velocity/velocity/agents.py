@@ -1,6 +1,6 @@
 """The velocity agent: batches of raw quotes applied to token states, results made durable.
 
-A batch (``stream.take_events``) goes through two stages:
+A batch (``stream.noack_take``: Faust acks none of its events) goes through two stages:
 
 1. **apply** (in the agent, CPU only): each message, in offset order, is validated
    (rules.validate); an invalid one becomes a dead letter; a valid one whose (partition, offset)
@@ -12,10 +12,11 @@ A batch (``stream.take_events``) goes through two stages:
    acknowledgement of its changelog record awaited; only then are the batch's messages acked,
    so that an offset commit never covers a message whose results are not durable.
 
-Each message is ``incref``-ed while its job is pending, so the ack that ``take_events`` gives
-it after stage 1 is not the final one. The two stages overlap: the agent applies (and Faust
-fills) the next batch while the previous one waits for the broker. States applied but not yet
-written are kept in an overlay that later batches read before the table.
+The delivery task's ack is the only one a message gets (``take_events`` would ack each event
+when the agent asks for the next batch, which needed an ``incref`` per message to keep that ack
+from being the final one). The two stages overlap: the agent applies (and Faust fills) the next
+batch while the previous one waits for the broker. States applied but not yet written are kept
+in an overlay that later batches read before the table.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tokvel_common.events import DeadLetter
 from tokvel_common.serialization import encode
 from tokvel_common.velocity_math import AddOutcome, TokenWindows
 from velocity.metrics import VelocityMetrics
+from velocity.publish import Record, RecordPublisher
 from velocity.rules import TOO_LATE, Rejection, apply, validate
 from velocity.settings import VelocitySettings
 from velocity.tables import StateTable, TokenState
@@ -60,7 +62,7 @@ class _Job:
     """One applied batch: what to publish, then what to store, then what to ack."""
 
     events: Sequence[RawEvent]
-    records: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     states: list[tuple[bytes, bytes, RawEvent]] = field(default_factory=list)
     samples: int = 0
     duplicates: int = 0
@@ -76,6 +78,7 @@ class BatchProcessor:
         self,
         *,
         app: faust.App,
+        publisher: RecordPublisher,
         table: StateTable,
         topics: VelocityTopics,
         settings: VelocitySettings,
@@ -83,6 +86,7 @@ class BatchProcessor:
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._app = app
+        self.publisher = publisher
         self._table = table
         self._topics = topics
         self._metrics = metrics
@@ -116,13 +120,12 @@ class BatchProcessor:
                 self._jobs.get_nowait()
 
     async def submit(self, events: Sequence[RawEvent]) -> None:
-        """Apply ``events`` and queue their delivery (waits while the queue is full)."""
-        # First of all: from here on only the delivery task can give these messages their final
-        # ack. If anything below raises, the agent crashes, and with it the worker (app.py);
-        # the messages stay unacked, so uncommitted, and their partition's next owner
-        # processes them again (take_events acks a batch even when the agent raised).
-        for event in events:
-            event.message.incref()
+        """Apply ``events`` and queue their delivery (waits while the queue is full).
+
+        Only the delivery task acks these messages. If anything here raises, the agent crashes,
+        and with it the worker (app.py); the messages stay unacked, so uncommitted, and their
+        partition's next owner processes them again.
+        """
         if self._delivery is None:
             raise RuntimeError("submit() outside of running()")
         if self._delivery.done():
@@ -141,7 +144,7 @@ class BatchProcessor:
         # token.metrics.latest is compacted: of a token's samples in one batch only the newest
         # is kept, which during a catch-up saves most of its records.
         job.records.extend(
-            (self._topics.metrics_latest, key, value) for key, value in latest.items()
+            (self._topics.metrics_latest, key, value, None) for key, value in latest.items()
         )
         for key, (state, last_event) in tokens.items():
             job.states.append((key, state.to_bytes(), last_event))
@@ -178,9 +181,9 @@ class BatchProcessor:
             return
         state.mark_applied(message.partition, message.offset)
         tokens[key] = (state, event)
-        if applied.sample is not None:
-            value = encode(applied.sample)
-            job.records.append((self._topics.metrics, key, value))
+        if applied.fields is not None:
+            value = applied.encoded()
+            job.records.append((self._topics.metrics, key, value, None))
             if applied.newest:
                 latest[key] = value
             job.samples += 1
@@ -210,7 +213,7 @@ class BatchProcessor:
             offset=message.offset,
             rejected_at=now,
         )
-        job.records.append((self._topics.dead_letters, message.key, encode(letter)))
+        job.records.append((self._topics.dead_letters, message.key, encode(letter), None))
         job.rejected[rejection.reason] = job.rejected.get(rejection.reason, 0) + 1
 
     # ------------------------------------------------------------------ stage 2: deliver
@@ -222,7 +225,7 @@ class BatchProcessor:
 
     async def deliver(self, job: _Job) -> None:
         """Make ``job`` durable (records, then states), then ack its messages."""
-        await self._until_done("samples", lambda: self._send(job.records))
+        await self._until_done("samples", lambda: self.publisher.publish(job.records))
         await self._until_done("state", lambda: self._write_states(job.states))
         for key, _, _ in job.states:
             state, jobs = self._overlay[key]
@@ -234,20 +237,11 @@ class BatchProcessor:
             event.ack()
         self._observe(job)
 
-    async def _send(self, records: Sequence[tuple[str, bytes | None, bytes]]) -> None:
-        producer = self._app.producer
-        deliveries = [
-            await producer.send(topic, key, value, None, None, None)
-            for topic, key, value in records
-        ]
-        await asyncio.gather(*deliveries)
-
     async def _write_states(self, states: Sequence[tuple[bytes, bytes, RawEvent]]) -> None:
-        for key, value, event in states:
-            await self._table.write(key, value, event)
-        await self._table.wait_delivered()
+        changelog = [self._table.store(key, value, event) for key, value, event in states]
+        self._table.persisted(await self.publisher.publish(changelog))
 
-    async def _until_done(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+    async def _until_done(self, what: str, attempt: Callable[[], Awaitable[object]]) -> None:
         # A record sent twice is identical to the first: the consumers' dedupe absorbs it.
         delay = _RETRY_FIRST_SECONDS
         while True:
@@ -285,10 +279,11 @@ def register_agents(
 ) -> None:
     @app.agent(topics.raw, name="velocity")
     async def velocity(stream: faust.StreamT[bytes]) -> None:
-        # take_events is implemented by Stream but missing from the StreamT interface.
-        batches = cast(faust.Stream[bytes], stream).take_events(
+        # noack_take is implemented by Stream but missing from the StreamT interface; it
+        # yields the events themselves (typed as values), and leaves every ack to us.
+        batches = cast(faust.Stream[bytes], stream).noack_take(
             settings.velocity_batch_size, within=settings.velocity_batch_within_seconds
         )
         async with processor.running():
             async for events in batches:
-                await processor.submit(events)
+                await processor.submit(cast(Sequence[RawEvent], events))

@@ -43,7 +43,11 @@ class VelocitySettings(CommonSettings):
         ),
     )
     velocity_batch_size: int = Field(
-        default=1000, ge=1, description="At most this many quotes are applied as one batch..."
+        # On a backlog a batch is what arrived within VELOCITY_BATCH_WITHIN_SECONDS, up to this;
+        # each token's state is written, and its newest sample published, once per batch.
+        default=4000,
+        ge=1,
+        description="At most this many quotes are applied as one batch...",
     )
     velocity_batch_within_seconds: float = Field(
         default=0.25, gt=0, description="...or those that arrived within this many seconds."

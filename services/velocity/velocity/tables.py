@@ -9,26 +9,26 @@ Why not ``table[key] = value``: Faust's ``Table.__setitem__`` hands the changelo
 ``producer.flush()`` before it commits source offsets, but that flush is not strict: the buffer's
 ``flush_atmost`` gives up after 0.1 s without progress, and a record already taken off the
 buffer but not yet handed to aiokafka is in neither queue. A commit could therefore cover input
-whose state never reached the changelog, and a restart would lose it. :meth:`StateTable.write`
-instead writes the local store and sends the changelog record itself, and
-:meth:`StateTable.wait_delivered` awaits the broker's acknowledgement (acks=all) of every record,
-before the batch's input is acked, so no commit can overtake its state.
+whose state never reached the changelog, and a restart would lose it. :meth:`StateTable.store`
+instead writes the local store and returns the changelog record, which the agent publishes
+itself and whose acknowledgement (acks=all) it awaits before the batch's input is acked, so no
+commit can overtake its state.
 """
 
 from __future__ import annotations
 
-import asyncio
 import struct
 import weakref
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import faust
 from faust.streams import _current_event
 
 from tokvel_common.velocity_math import TokenWindows
+from velocity.publish import Record, Written
 
 STATE_TABLE: Final = "token-state"
 
@@ -71,7 +71,7 @@ def _in_event(event: faust.EventT[bytes]) -> Iterator[None]:
     """Make ``event`` the current event of this task while the table is used.
 
     Faust's stores pick a key's partition (RocksDB: its database) from the task's current event.
-    Events of ``stream.take_events()`` are read by a background task, so the agent's own task
+    Events of ``stream.noack_take()`` are read by a background task, so the agent's own task
     has none, and the agent processes events of several partitions in one batch anyway.
     """
     token = _current_event.set(weakref.ref(event))
@@ -84,29 +84,23 @@ def _in_event(event: faust.EventT[bytes]) -> Iterator[None]:
 class StateTable(faust.Table[bytes, bytes]):
     """A Faust table of raw bytes with an awaited write path (see the module docstring)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._in_flight: list[Awaitable[Any]] = []
-
     def read(self, key: bytes, event: faust.EventT[bytes]) -> bytes | None:
         """The stored value of ``key`` (held in ``event``'s partition), or None."""
         with _in_event(event):
             value: bytes | None = self.data.get(key)
         return value
 
-    async def write(self, key: bytes, value: bytes, event: faust.EventT[bytes]) -> None:
-        """Store ``value`` locally and send it to the changelog (``event``'s partition)."""
+    def store(self, key: bytes, value: bytes, event: faust.EventT[bytes]) -> Record:
+        """Store ``value`` locally; returns its changelog record (``event``'s partition).
+
+        The caller publishes the record and hands the acknowledgements to :meth:`persisted`.
+        """
         with _in_event(event):
             self.data[key] = value
-        partition = event.message.partition
-        delivery = await self.app.producer.send(
-            self.changelog_topic.get_topic_name(), key, value, partition, None, None
-        )
-        self._in_flight.append(delivery)
+        return (self.changelog_topic.get_topic_name(), key, value, event.message.partition)
 
-    async def wait_delivered(self) -> None:
-        """Wait until the broker has acknowledged every changelog record written so far."""
-        in_flight, self._in_flight = self._in_flight, []
-        for metadata in await asyncio.gather(*in_flight):
-            # What Faust's own changelog callback records: RocksDB resumes recovery from it.
-            self.data.set_persisted_offset(metadata.topic_partition, metadata.offset)
+    def persisted(self, written: Iterable[Written]) -> None:
+        """Note changelog records the broker acknowledged (RocksDB resumes recovery there)."""
+        for batch in written:
+            # What Faust's own changelog callback records, once per acknowledged batch.
+            self.data.set_persisted_offset(batch.tp, batch.last_offset)

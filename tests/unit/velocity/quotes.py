@@ -5,9 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
-
-from tokvel_common.serialization import encode_key
+from tokvel_common.serialization import dumps, encode_key
 
 T0 = datetime(2017, 8, 24, 12, 0, 5, tzinfo=UTC)
 
@@ -60,4 +58,4 @@ def quote(
 
 def message(value: dict[str, Any]) -> tuple[bytes, bytes]:
     """(key, value) of the Kafka record the ingestor would publish."""
-    return encode_key(value["id"]), orjson.dumps(value)
+    return encode_key(value["id"]), dumps(value)

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import orjson
 import pytest
-from faust.types import TP
+from aiokafka import AIOKafkaProducer
 
+from tests.unit.velocity.fake_kafka import FakeProducer
 from tests.unit.velocity.quotes import T0, message, quote
 from tokvel_common.events import DeadLetter, MetricsSample
 from tokvel_common.serialization import decode
 from velocity.agents import BatchProcessor
 from velocity.app import VelocityApp, create_app
+from velocity.publish import RecordPublisher
 from velocity.rules import apply as real_apply
 from velocity.settings import VelocitySettings
 from velocity.tables import TokenState
@@ -31,53 +33,6 @@ METRICS = f"{PREFIX}token.metrics"
 LATEST = f"{PREFIX}token.metrics.latest"
 DLQ = f"{PREFIX}cmc.quotes.dlq"
 CHANGELOG = f"{PREFIX}tokvel-velocity-token-state-changelog"
-
-
-@dataclass
-class Metadata:
-    topic_partition: TP
-    offset: int
-
-
-@dataclass
-class FakeProducer:
-    """Faust's producer interface as the agent uses it: send() -> a delivery future."""
-
-    auto_ack: bool = True
-    fail: int = 0  # the next `fail` deliveries fail
-    sent: list[tuple[str, bytes | None, bytes, int | None]] = field(default_factory=list)
-    pending: list[asyncio.Future[Metadata]] = field(default_factory=list)
-
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        partition: int | None,
-        timestamp: float | None,
-        headers: Any,
-    ) -> asyncio.Future[Metadata]:
-        delivery: asyncio.Future[Metadata] = asyncio.get_running_loop().create_future()
-        self.sent.append((topic, key, value, partition))
-        if self.fail:
-            self.fail -= 1
-            delivery.set_exception(ConnectionError("broker gone"))
-        elif self.auto_ack:
-            delivery.set_result(Metadata(TP(topic, partition or 0), len(self.sent)))
-        else:
-            self.pending.append(delivery)
-        return delivery
-
-    def ack_pending(self) -> int:
-        pending, self.pending = self.pending, []
-        for delivery in pending:
-            delivery.set_result(Metadata(TP("t", 0), 0))
-        return len(pending)
-
-    def to(self, topic: str) -> list[tuple[bytes | None, bytes, int | None]]:
-        return [
-            (key, value, partition) for sent, key, value, partition in self.sent if sent == topic
-        ]
 
 
 @dataclass
@@ -118,7 +73,8 @@ async def velocity(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         )
         app = create_app(settings)
         producer = FakeProducer(auto_ack=auto_ack)
-        app.producer = producer  # type: ignore[assignment] # the part of ProducerT it uses
+        # The part of AIOKafkaProducer the publisher uses.
+        app.processor.publisher = RecordPublisher(lambda: cast(AIOKafkaProducer, producer))
         return _Context(app, producer)
 
     yield start
@@ -181,7 +137,7 @@ async def test_samples_are_acknowledged_before_the_state_is_written_and_input_ac
         first = await put_quote(harness, cmc_id=1)
         await put_quote(harness, cmc_id=1, ts=T0.replace(minute=5))
         other = await put_quote(harness, cmc_id=2)
-        await until(lambda: len(producer.pending) == 5)
+        await until(lambda: sum(count for _, count in producer.pending) == 5)
         assert len(producer.to(METRICS)) == 3
         assert [key for key, _, _ in producer.to(LATEST)] == [b"1", b"2"]  # newest per token
         assert producer.to(CHANGELOG) == []

@@ -9,6 +9,8 @@ import orjson
 import pytest
 
 from tests.unit.velocity.quotes import T0, cmc_time, message, quote
+from tokvel_common.events import MetricsSample
+from tokvel_common.serialization import encode
 from tokvel_common.velocity_math import AddOutcome, TokenWindows
 from velocity.rules import Applied, Observation, Rejection, apply, validate
 
@@ -281,3 +283,37 @@ def test_milliseconds_of_last_updated_are_kept() -> None:
     ts = T0 + timedelta(milliseconds=250)
     sample = applied(TokenWindows(300), ts=ts).sample
     assert sample is not None and sample.ts == ts and cmc_time(ts).endswith(".250Z")
+
+
+def test_the_encoded_sample_is_what_encoding_the_model_writes() -> None:
+    # apply() builds the sample as the model's dumped fields and serializes them itself.
+    windows = TokenWindows(300)
+    variants: list[dict[str, Any]] = [
+        {},
+        {"version": "v1", "volume": 12, "market_cap": 3},  # ints stay ints
+        {"volume": None, "price": None},  # not computable, fields missing
+        {"market_cap": 0},
+        {"circulating_supply": 589_247_012_435_018, "price": 5e-10, "cmc_rank": None},
+        {"symbol": None, "name": None, "slug": None, "max_supply": None},
+        {"polled_at": "2017-08-24T18:00:05"},  # no zone: read as UTC
+        {"total_supply": 10**30, "max_supply": 2**64},  # beyond 64 bits: orjson refuses them
+    ]
+    for step, variant in enumerate(variants * 3):
+        ts = T0 + timedelta(minutes=5 * step, milliseconds=step)
+        result = applied(windows, ts=ts, **variant)
+        assert result.fields is not None and result.sample is not None
+        assert list(result.fields) == list(MetricsSample.model_fields)
+        assert result.fields == result.sample.model_dump()
+        assert result.encoded() == encode(result.sample)
+    late = applied(windows, ts=T0 + timedelta(minutes=7))
+    assert late.sample is not None and not late.newest
+    assert late.encoded() == encode(late.sample)
+
+
+def test_an_observation_without_a_sample_has_nothing_to_encode() -> None:
+    windows = TokenWindows(300)
+    applied(windows)
+    duplicate = applied(windows)
+    assert duplicate.sample is None
+    with pytest.raises(ValueError, match="duplicate"):
+        duplicate.encoded()
