@@ -72,7 +72,9 @@ rocksdict under VELOCITY_DATA_DIR; a restart reads only the changelog's tail).
 
 Recovery: at-least-once made exact (agents.py)
 ----------------------------------------------
-A batch (``stream.noack_take``, VELOCITY_BATCH_SIZE / VELOCITY_BATCH_WITHIN_SECONDS) is applied
+A batch (``stream.noack_take`` joined by ``agents.coalesced``: closed when VELOCITY_BATCH_SIZE is
+reached, after VELOCITY_BATCH_WITHIN_SECONDS, or once the input was quiet for
+VELOCITY_BATCH_IDLE_SECONDS) is applied
 message by message in offset order; a message whose (partition, offset) its token's state has
 already applied is skipped (redelivered after a crash or a rebalance). Then, in one delivery
 task, jobs in order: (1) every sample and dead letter of the batch is sent and its broker

@@ -50,7 +50,14 @@ class VelocitySettings(CommonSettings):
         description="At most this many quotes are applied as one batch...",
     )
     velocity_batch_within_seconds: float = Field(
-        default=0.25, gt=0, description="...or those that arrived within this many seconds."
+        default=0.25, gt=0, description="...or those that arrived within this many seconds..."
+    )
+    velocity_batch_idle_seconds: float = Field(
+        # A live poll arrives as one burst: its batch is applied this long after the burst,
+        # not VELOCITY_BATCH_WITHIN_SECONDS after its first quote (freshness).
+        default=0.04,
+        gt=0,
+        description="...or as soon as no quote arrived for this many seconds.",
     )
     velocity_producer_linger_ms: int = Field(
         default=5, ge=0, description="Producer batching delay (ms) of samples and state writes."
