@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -89,3 +90,20 @@ async def stop_and_wait(task: asyncio.Task[None], stop: Callable[[], None], grac
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(task), grace)
     await cancel_and_wait(task)
+
+
+# How long a Redis listener gets to return on its own before it is cancelled.
+LISTENER_STOP_SECONDS = 2.0
+
+
+@contextlib.asynccontextmanager
+async def stoppable_task(
+    loop: Coroutine[Any, Any, None], stop: Callable[[], None], name: str
+) -> AsyncIterator[None]:
+    """``loop`` runs as a task for the block; on the way out it is asked to stop first
+    (:func:`stop_and_wait`, ``LISTENER_STOP_SECONDS``)."""
+    task = asyncio.create_task(loop, name=name)
+    try:
+        yield
+    finally:
+        await stop_and_wait(task, stop, LISTENER_STOP_SECONDS)

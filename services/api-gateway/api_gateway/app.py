@@ -56,7 +56,7 @@ from tokvel_common.app_resources import (
     cancel_and_wait,
     postgres_pool,
     redis_client,
-    stop_and_wait,
+    stoppable_task,
 )
 from tokvel_common.invalidation import InvalidationListener
 from tokvel_common.ops import add_ops_routes
@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 APPLICATION_NAME = "tokvel-api-gateway"
 CLIENT_MAX_SIZE = 64 * 1024  # the API takes no bodies (any is refused with 413, unread)
 FINAL_FLUSH_SECONDS = 5.0
-LISTENER_STOP_SECONDS = 2.0
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
@@ -134,11 +133,8 @@ async def _key_changes(app: web.Application) -> AsyncIterator[None]:
     listener = KeyChangeListener(
         app[SETTINGS].redis_url.get_secret_value(), on_change, authenticator.keys.reset
     )
-    task = asyncio.create_task(listener.run(), name="api-key-changes")
-    try:
+    async with stoppable_task(listener.run(), listener.stop, "api-key-changes"):
         yield
-    finally:
-        await stop_and_wait(task, listener.stop, LISTENER_STOP_SECONDS)
 
 
 async def _invalidations(app: web.Application) -> AsyncIterator[None]:
@@ -148,11 +144,8 @@ async def _invalidations(app: web.Application) -> AsyncIterator[None]:
         app[REDIS], app[SETTINGS].redis_url.get_secret_value(), local.invalidate, local.reset
     )
     local.attach(listener.subscribed)
-    task = asyncio.create_task(listener.run(), name="cache-invalidations")
-    try:
+    async with stoppable_task(listener.run(), listener.stop, "cache-invalidations"):
         yield
-    finally:
-        await stop_and_wait(task, listener.stop, LISTENER_STOP_SECONDS)
 
 
 def _readiness(app: web.Application) -> dict[str, Callable[[], Awaitable[bool]]]:

@@ -23,6 +23,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
+from tokvel_common.app_resources import stoppable_task
 from tokvel_common.db.pool import create_pool
 from tokvel_common.invalidation import Invalidation, InvalidationListener, publish
 from tokvel_common.kafka import create_consumer, create_producer
@@ -272,7 +273,9 @@ async def serve(settings: WriterSettings, stop: asyncio.Event) -> None:
                 _background(maintainer.run(), "partition-maintenance"),
                 _background(warmer.run(), "cache-warmer"),
                 _background(popular.run(), "popular-refresh"),
-                _background(invalidations.run(), "invalidation-listener"),
+                # Asked to stop, not only cancelled: a cancel landing inside redis-py's pub/sub
+                # read can be absorbed (app_resources.stop_and_wait).
+                stoppable_task(invalidations.run(), invalidations.stop, "invalidation-listener"),
             ):
                 log.info("writer running", extra={"topics": [metrics_topic, info_topic]})
                 await loop.run()
