@@ -3,8 +3,9 @@
 Resources are opened in dependency order, each in its own ``cleanup_ctx`` generator, and closed
 in reverse: the PostgreSQL pool, the Redis client, the plain services over both (repository,
 key resolver, snapshot source, registry, hub and resume buffer), the registry's heartbeat and
-sweeper task, the Kafka consumer task, the API key change listener. Every task is created in
-one of them, which cancels and awaits it on the way out.
+sweeper task, the Kafka consumer task, the API key change listener, the periodic re-check of
+the open connections' keys. Every task is created in one of them, which cancels and awaits it
+on the way out.
 
 Shutdown (``web.run_app`` turns SIGTERM into it): the listening socket closes, ``on_shutdown``
 sends every client a 1001 "going away" close frame and waits (bounded) for the handlers to
@@ -26,7 +27,7 @@ from tokvel_common.app_resources import (
     cancel_and_wait,
     postgres_pool,
     redis_client,
-    stop_and_wait,
+    stoppable_task,
 )
 from tokvel_common.ops import add_ops_routes
 from tokvel_common.topics import METRICS as METRICS_TOPIC
@@ -57,7 +58,6 @@ from ws_broadcaster.state import (
 log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "tokvel-ws-broadcaster"
-LISTENER_STOP_SECONDS = 2.0
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
@@ -137,21 +137,26 @@ async def _key_changes(app: web.Application) -> AsyncIterator[None]:
 
     def on_change(change: KeyChange) -> None:
         resolver.keys.drop(change.key_hash)
-        if change.action in ("revoked", "rotated"):
-            closed = broadcaster.close_key(
-                change.key_hash, f"api key {change.action}", "key_revoked"
-            )
-            if closed:
-                log.info("closed connections of a changed key", extra={"connections": closed})
+        if change.action == "revoked" or change.action == "rotated":
+            broadcaster.close_key(change.key_hash, change.action)
 
     listener = KeyChangeListener(
         app[SETTINGS].redis_url.get_secret_value(), on_change, resolver.keys.reset
     )
-    task = asyncio.create_task(listener.run(), name="ws-api-key-changes")
+    async with stoppable_task(listener.run(), listener.stop, "ws-api-key-changes"):
+        yield
+
+
+async def _key_rechecks(app: web.Application) -> AsyncIterator[None]:
+    resolver, broadcaster = app[RESOLVER], app[BROADCASTER]
+    task = asyncio.create_task(
+        broadcaster.run_key_rechecks(resolver.recheck, app[SETTINGS].api_key_cache_ttl_seconds),
+        name="ws-api-key-rechecks",
+    )
     try:
         yield
     finally:
-        await stop_and_wait(task, listener.stop, LISTENER_STOP_SECONDS)
+        await cancel_and_wait(task)
 
 
 async def _close_connections(app: web.Application) -> None:
@@ -199,6 +204,7 @@ def create_app(settings: WsSettings) -> web.Application:
         _registry,
         _consumer,
         _key_changes,
+        _key_rechecks,
     ):
         app.cleanup_ctx.append(ctx)
     app.on_shutdown.append(_close_connections)

@@ -15,20 +15,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Final
 
 from tokvel_common.cache import ws_subs_key
 from tokvel_common.events import MetricsSample
 from tokvel_common.serialization import DecodeError, decode
-from ws_broadcaster.auth import CLOSE_UNAUTHORIZED, Principal
+from ws_broadcaster.auth import CLOSE_UNAUTHORIZED, KeyEnded, Principal
 from ws_broadcaster.connection import (
     CLOSE_GOING_AWAY,
     CLOSE_SLOW_CONSUMER,
     Connection,
 )
 from ws_broadcaster.hub import Hub, Outgoing
-from ws_broadcaster.metrics import DropReason, WsMetrics
+from ws_broadcaster.metrics import WsMetrics
 from ws_broadcaster.protocol import (
     ClientMessage,
     Error,
@@ -44,6 +44,7 @@ from ws_broadcaster.protocol import (
     encode_message,
 )
 from ws_broadcaster.registry import Registry, RegistryUnavailable, connection_id, conns_key
+from ws_broadcaster.repository import DatabaseUnavailable
 from ws_broadcaster.resume import ResumeBuffer, make_seq
 from ws_broadcaster.snapshots import SnapshotSource, StoredSnapshot
 
@@ -152,12 +153,53 @@ class Broadcaster:
         removals[conns_key(conn.principal.key_id)] = [conn.id]
         await self._registry.remove(removals)
 
-    def close_key(self, key_hash: str, message: str, reason: DropReason) -> int:
-        """Close every connection of a key (revoked or rotated); returns how many."""
+    def close_key(self, key_hash: str, ended: KeyEnded) -> int:
+        """Close every connection of a key (revoked or rotated) with 4001; returns how many."""
         conns = list(self._by_key.get(key_hash, ()))
         for conn in conns:
-            conn.close_soon(CLOSE_UNAUTHORIZED, message, reason, flush=True)
+            conn.close_soon(CLOSE_UNAUTHORIZED, f"api key {ended}", "key_revoked", flush=True)
+        if conns:
+            log.info(
+                "closed connections of an ended key",
+                extra={"connections": len(conns), "key_ended": ended},
+            )
         return len(conns)
+
+    async def recheck_keys(
+        self, recheck: Callable[[Principal], Awaitable[KeyEnded | None]]
+    ) -> None:
+        """Re-verify each key with open connections once (not once per connection) and close
+        the connections of those that ended. PostgreSQL down ends the pass and closes nothing:
+        these sockets were authenticated, and an outage must not disconnect every client."""
+        principals = [next(iter(conns)).principal for conns in self._by_key.values() if conns]
+        outcomes = self._metrics.key_rechecks
+        for checked, principal in enumerate(principals):
+            try:
+                ended = await recheck(principal)
+            except DatabaseUnavailable:
+                outcomes.labels("unavailable").inc(len(principals) - checked)
+                log.warning(
+                    "api keys of open connections cannot be re-checked now: left open",
+                    extra={"keys": len(principals) - checked},
+                )
+                return
+            if ended is None:
+                outcomes.labels("valid").inc()
+            else:
+                outcomes.labels("ended").inc()
+                self.close_key(principal.key_hash, ended)
+
+    async def run_key_rechecks(
+        self, recheck: Callable[[Principal], Awaitable[KeyEnded | None]], interval: float
+    ) -> None:
+        """:meth:`recheck_keys` every ``interval`` seconds (the key cache TTL), until cancelled:
+        an announcement lost while Redis was down still ends the key's connections."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.recheck_keys(recheck)
+            except Exception:
+                log.exception("re-checking the api keys of open connections failed")
 
     async def close_all(self) -> None:
         """Graceful stop: 1001 "going away" to everyone; returns when every handler is done

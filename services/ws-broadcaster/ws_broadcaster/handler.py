@@ -36,6 +36,11 @@ from ws_broadcaster.state import BROADCASTER, METRICS, RESOLVER, SETTINGS
 log = logging.getLogger(__name__)
 
 WS_PATH: Final = "/v1/ws"
+# How much the sender task writes between two looks at the transport's flow control (aiohttp's
+# default is 256 KiB). The fan-out writes directly only below the transport's high-water mark
+# (64 KiB) and queues above it, so a client that does not read holds about 128 KiB in the
+# transport, then fills its queue and is dropped, instead of 320 KiB.
+WRITER_LIMIT_BYTES: Final = 64 * 1024
 
 
 def _http_error(status: int, code: str, message: str) -> web.Response:
@@ -59,6 +64,7 @@ def _new_response(settings: WsSettings) -> web.WebSocketResponse:
         # shared by all subscribers is the point of the fan-out.
         compress=False,
         timeout=settings.ws_close_timeout_seconds,
+        writer_limit=WRITER_LIMIT_BYTES,
     )
 
 

@@ -1,7 +1,7 @@
 """Who is subscribed to what on this instance, and the fan-out of one update to them.
 
-Pure: subscribers are anything with a non-blocking ``offer(item) -> bool`` (the connections'
-bounded send queues in production, lists in tests). An update is encoded once, by the caller,
+Pure: subscribers are anything with a non-blocking ``offer(item) -> bool`` (the connections in
+production, lists in tests). An update is encoded once, by the caller, with its WebSocket frame,
 and the same :class:`Outgoing` (same bytes) is offered to every subscriber; the hub never
 serializes. A subscriber whose queue is full (``offer`` returns False) is returned to the
 caller, which closes it: it never slows down the others (nothing here waits). It stays attached
@@ -11,20 +11,40 @@ subscriber's ``offer`` accepts and discards, so it is reported once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar
+import struct
+from dataclasses import dataclass, field
+from typing import Final, Generic, Literal, Protocol, TypeVar
 
 MessageKind = Literal["update", "replay", "snapshot", "reply"]
+
+_FIN_TEXT: Final = 0x81  # final fragment, opcode 1 (text), no RSV bits (no compression)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """``payload`` as one unmasked WebSocket text frame (RFC 6455 5.2), as a server sends it."""
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", _FIN_TEXT, size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", _FIN_TEXT, 126, size)
+    else:
+        header = struct.pack("!BBQ", _FIN_TEXT, 127, size)
+    return header + payload
 
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """One frame to send. ``produced_at`` (epoch seconds, the Kafka record's timestamp) is set
-    for live updates only: it is where the delivery latency is measured from."""
+    for live updates only: it is where the delivery latency is measured from. ``wire`` is the
+    whole frame, built once here for every socket it is written to."""
 
     frame: bytes
     kind: MessageKind
     produced_at: float | None = None
+    wire: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "wire", text_frame(self.frame))
 
 
 class Subscriber(Protocol):

@@ -81,6 +81,14 @@ class WsMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.key_rechecks = Counter(
+            "ws_key_rechecks",
+            "Periodic re-verifications of the API keys of open connections, one per key, by "
+            "outcome (valid; ended: revoked or rotated, its connections closed; unavailable: "
+            "PostgreSQL could not say, its connections left open).",
+            ["outcome"],
+            registry=registry,
+        )
         self.records = Counter(
             "ws_records",
             "token.metrics records read, by outcome (published, invalid).",

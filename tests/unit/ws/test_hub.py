@@ -1,8 +1,15 @@
-"""Subscriptions and fan-out, with list-backed subscribers (no I/O)."""
+"""Subscriptions and fan-out, with list-backed subscribers (no I/O); the prebuilt frame."""
 
 from __future__ import annotations
 
-from ws_broadcaster.hub import Hub, Outgoing
+import asyncio
+
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_websocket import WebSocketWriter
+
+from ws_broadcaster.hub import Hub, Outgoing, text_frame
 
 
 class Fake:
@@ -99,3 +106,27 @@ def test_entries_for_the_registry() -> None:
     entries = hub.entries()
     assert set(entries) == {1, 2}
     assert set(map(id, entries[1])) == {id(a), id(b)}
+
+
+class _CapturingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65_535, 65_536, 70_000])
+async def test_the_prebuilt_frame_is_the_one_aiohttp_would_send(size: int) -> None:
+    """The fan-out writes ``Outgoing.wire`` to the transport itself, the sender task goes
+    through aiohttp: the bytes on the wire must be the same (each length encoding)."""
+    transport = _CapturingTransport()
+    writer = WebSocketWriter(BaseProtocol(asyncio.get_running_loop()), transport)
+    payload = (bytes(range(256)) * (size // 256 + 1))[:size]
+    await writer.send_frame(payload, WSMsgType.TEXT)
+    assert Outgoing(payload, "update").wire == bytes(transport.written)
+    assert text_frame(payload) == bytes(transport.written)
