@@ -112,11 +112,13 @@ def statuses(layout: Layout) -> list[ComponentStatus]:
 
 def render_status(layout: Layout) -> list[str]:
     lines = [f"run dir: {layout.run_dir}"]
-    for item in statuses(layout):
+    items = statuses(layout)
+    width = max(len(item.name) for item in items) + 1  # "postgresql-b" is the longest name
+    for item in items:
         pid = f"pid {item.pid}" if item.pid is not None else "no pid"
-        lines.append(f"{item.name:<11} {item.state:<8}  {pid:<10}  {item.address}")
-        lines.append(f"{'':<11} data {item.data_dir}")
-        lines.append(f"{'':<11} log  {item.log}")
+        lines.append(f"{item.name:<{width}} {item.state:<8}  {pid:<10}  {item.address}")
+        lines.append(f"{'':<{width}} data {item.data_dir}")
+        lines.append(f"{'':<{width}} log  {item.log}")
         if item.note:
-            lines.append(f"{'':<11} note {item.note}")
+            lines.append(f"{'':<{width}} note {item.note}")
     return [*lines, "", *env_lines()]
