@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -21,16 +22,15 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from tests.integration.gateway.dataset import Dataset, load
+from tests.support.databases import create_database, drop_database, with_database
 from tests.support.kafka import tokvel_topics
 from tokvel_common.db.migrate import apply_migrations
 from tokvel_common.settings import CommonSettings
 
 TEMPLATE_DB_PREFIX = "tokvel_test_template_"
+TEST_DB_PREFIX = "tokvel_test_"
 TEST_REDIS_DB = 9
-
-
-def _with_database(dsn: str, database: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{database}"))
 
 
 def _testcontainers_env() -> Iterator[dict[str, str]]:
@@ -72,58 +72,31 @@ async def template_database(settings: CommonSettings) -> AsyncIterator[str]:
     Named per session, so two pytest sessions on one machine never collide.
     """
     admin_dsn = settings.database_url.get_secret_value()
-    name = f"{TEMPLATE_DB_PREFIX}{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    template = await asyncpg.connect(_with_database(admin_dsn, name))
+    name = await create_database(admin_dsn, prefix=TEMPLATE_DB_PREFIX)
+    template = await asyncpg.connect(with_database(admin_dsn, name))
     try:
         await apply_migrations(template)
     finally:
         await template.close()
     yield name
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await drop_database(admin_dsn, name)
 
 
 @pytest.fixture
 async def database_url(settings: CommonSettings, template_database: str) -> AsyncIterator[str]:
     admin_dsn = settings.database_url.get_secret_value()
-    name = f"tokvel_test_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    finally:
-        await conn.close()
-    yield _with_database(admin_dsn, name)
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    name = await create_database(admin_dsn, prefix=TEST_DB_PREFIX, template=template_database)
+    yield with_database(admin_dsn, name)
+    await drop_database(admin_dsn, name)
 
 
 @pytest.fixture
 async def empty_database_url(settings: CommonSettings) -> AsyncIterator[str]:
     """A database with nothing in it (for migration tests)."""
     admin_dsn = settings.database_url.get_secret_value()
-    name = f"tokvel_test_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    yield _with_database(admin_dsn, name)
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    name = await create_database(admin_dsn, prefix=TEST_DB_PREFIX)
+    yield with_database(admin_dsn, name)
+    await drop_database(admin_dsn, name)
 
 
 @pytest.fixture
@@ -160,3 +133,54 @@ async def redis_url(settings: CommonSettings) -> AsyncIterator[str]:
         await client.flushdb()
     finally:
         await client.aclose()
+
+
+# The recorded data, loaded once per session (gateway, e2e and abuse tests share it).
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    template: str
+    dataset: Dataset
+
+
+@pytest.fixture(scope="session")
+async def loaded_data(settings: CommonSettings) -> AsyncIterator[LoadedData]:
+    """A migrated database holding the recorded data: the template of every gateway test DB.
+
+    Its own uniquely named database (not the shared migrated template), so that concurrent
+    test sessions on one machine never clone from, or drop, each other's template.
+    """
+    admin_dsn = settings.database_url.get_secret_value()
+    name = await create_database(admin_dsn, prefix="tokvel_test_gw_")
+    conn = await asyncpg.connect(with_database(admin_dsn, name))
+    try:
+        await apply_migrations(conn)
+        dataset = await load(conn)
+    finally:
+        await conn.close()
+    yield LoadedData(name, dataset)
+    await drop_database(admin_dsn, name)
+
+
+@pytest.fixture(scope="session")
+def dataset(loaded_data: LoadedData) -> Dataset:
+    return loaded_data.dataset
+
+
+@pytest.fixture(scope="module")
+async def db_url(settings: CommonSettings, loaded_data: LoadedData) -> AsyncIterator[str]:
+    """The data, shared by the tests of one module (they must not change it)."""
+    admin_dsn = settings.database_url.get_secret_value()
+    name = await create_database(admin_dsn, prefix=TEST_DB_PREFIX, template=loaded_data.template)
+    yield with_database(admin_dsn, name)
+    await drop_database(admin_dsn, name)
+
+
+@pytest.fixture
+async def fresh_db_url(settings: CommonSettings, loaded_data: LoadedData) -> AsyncIterator[str]:
+    """The data, for one test that changes it."""
+    admin_dsn = settings.database_url.get_secret_value()
+    name = await create_database(admin_dsn, prefix=TEST_DB_PREFIX, template=loaded_data.template)
+    yield with_database(admin_dsn, name)
+    await drop_database(admin_dsn, name)

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from tests.abuse.stack import REDIS_DB, AbuseStack, running_stack
-from tests.integration.gateway.conftest import LoadedData, _clone, _drop, with_database
-from tests.integration.gateway.conftest import loaded_data as loaded_data
+from tests.conftest import TEST_DB_PREFIX, LoadedData
+from tests.support.databases import create_database, drop_database, with_database
 from tests.support.kafka import tokvel_topics
 from tokvel_common.settings import CommonSettings
 
@@ -149,7 +149,9 @@ async def stack(
     instance id or token (the same recorded data in every clone), so two runs can share it.
     """
     admin_dsn = settings.database_url.get_secret_value()
-    database = await _clone(admin_dsn, loaded_data.template)
+    database = await create_database(
+        admin_dsn, prefix=TEST_DB_PREFIX, template=loaded_data.template
+    )
     redis_url = urlunsplit(
         urlsplit(settings.redis_url.get_secret_value())._replace(path=f"/{REDIS_DB}")
     )
@@ -167,4 +169,4 @@ async def stack(
         ):
             yield running
     finally:
-        await _drop(admin_dsn, database)
+        await drop_database(admin_dsn, database)
