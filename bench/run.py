@@ -63,7 +63,7 @@ BENCHMARKS = (
     Benchmark(
         "writer", "writer_throughput.py",
         "writer rows/s vs raw asyncpg copy_records_to_table into the same table",
-        900, quick_args=("--samples", "20000"),
+        900, quick_args=("--samples", "80000"),
     ),
     Benchmark(
         "gateway", "gateway_latency.py",

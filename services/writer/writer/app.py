@@ -266,6 +266,8 @@ async def serve(settings: WriterSettings, stop: asyncio.Event) -> None:
                 metrics,
                 retry_max_seconds=settings.writer_retry_max_seconds,
                 shutdown_timeout_seconds=settings.writer_shutdown_timeout_seconds,
+                # One batch in preparation per worker process: each works on its own.
+                prepare_depth=max(1, settings.writer_prepare_processes),
             )
             async with (
                 _background(_stop_when_set(stop, loop), "stop-watcher"),

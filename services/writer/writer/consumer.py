@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -28,6 +29,8 @@ from writer.metrics import WriterMetrics
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
+# The longest poll while batches are in hand (see WriterLoop._poll_seconds).
+PIPELINE_POLL_SECONDS = 0.01
 INITIAL_RETRY_SECONDS = 0.1
 
 
@@ -76,17 +79,26 @@ class BatchSink(Protocol[PreparedT]):
 
 
 @dataclass
+class _Preparing(Generic[PreparedT]):
+    task: asyncio.Task[PreparedT]  # the sink's prepare
+    offsets: dict[TopicPartitionKey, int]
+
+
+@dataclass
 class _InFlight(Generic[PreparedT]):
     prepared: PreparedT
     offsets: dict[TopicPartitionKey, int]
-    task: asyncio.Task[None]
+    task: asyncio.Task[None]  # the sink's write
 
 
 class WriterLoop(Generic[PreparedT]):
-    """Polls, batches, and keeps one batch in PostgreSQL while it prepares the next.
+    """Polls, batches, and keeps PostgreSQL busy: while one batch is written, the next is
+    prepared and the one after is polled.
 
-    The next batch's decoding overlaps the current one's transaction; writes and commits stay
-    strictly in order (one write in flight), so offsets never pass an unwritten batch.
+    Writes and commits stay strictly in order (one write in flight, started only once the one
+    before is durable), so offsets never pass an unwritten batch. A batch being prepared is
+    not waited for while polling: the poll, the preparation and the write each run on their
+    own (the writer's process, a worker process, PostgreSQL).
     """
 
     def __init__(
@@ -98,6 +110,7 @@ class WriterLoop(Generic[PreparedT]):
         *,
         retry_max_seconds: float,
         shutdown_timeout_seconds: float,
+        prepare_depth: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._consumer = consumer
@@ -108,9 +121,15 @@ class WriterLoop(Generic[PreparedT]):
         self._shutdown_timeout_seconds = shutdown_timeout_seconds
         self._clock = clock
         self._stop_requested_at: float | None = None
+        # Batches handed to the sink's prepare, oldest first: at most prepare_depth of them.
+        self._preparing: deque[_Preparing[PreparedT]] = deque()
+        self._prepare_depth = prepare_depth
+        self._in_flight: _InFlight[PreparedT] | None = None
+        # Set when shutting down with a batch unwritten: no later batch may be committed.
+        self._gave_up = False
 
     def request_stop(self) -> None:
-        """Finish the batch in hand, write what is pending, commit, and return from run()."""
+        """Finish the batches in hand, write what is pending, commit, and return from run()."""
         if self._stop_requested_at is None:
             self._stop_requested_at = self._clock()
             log.info("stop requested")
@@ -137,44 +156,77 @@ class WriterLoop(Generic[PreparedT]):
                 lag = max(0, highwater - partition_records[-1].offset - 1)
                 self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
 
+    def _poll_seconds(self) -> float:
+        """How long a poll may wait: while batches are in hand, not past the moment the next
+        step of theirs could start (a poll cannot be woken up by their progress)."""
+        wait = min(self._batcher.seconds_until_due(), POLL_SECONDS)
+        if self._preparing or self._in_flight is not None:
+            wait = min(wait, PIPELINE_POLL_SECONDS)
+        return wait
+
     async def run(self) -> None:
-        in_flight: _InFlight[PreparedT] | None = None
         try:
             while not self.stopping:
-                await self._poll(min(self._batcher.seconds_until_due(), POLL_SECONDS))
-                if in_flight is not None and in_flight.task.done():
-                    await self._settle(in_flight)
-                    in_flight = None
+                await self._poll(self._poll_seconds())
+                await self._advance(wait=False)
                 if self._batcher.due():
+                    if len(self._preparing) >= self._prepare_depth:
+                        # As many batches in preparation as allowed: the next waits for a place.
+                        await self._advance(wait=True)
                     batch = self._batcher.take()
-                    prepared = await self._sink.prepare(batch)
-                    if in_flight is not None:
-                        await self._settle(in_flight)
-                    task = asyncio.create_task(self._sink.write(prepared), name="batch-write")
-                    in_flight = _InFlight(prepared, batch.offsets, task)
-            # SIGTERM: the batch in flight, then what was read but not written, then commit.
-            if in_flight is not None:
-                await self._settle(in_flight)
-                in_flight = None
-            if len(self._batcher):
+                    task = asyncio.create_task(self._sink.prepare(batch), name="batch-prepare")
+                    self._preparing.append(_Preparing(task, batch.offsets))
+                    await self._advance(wait=False)
+            # SIGTERM: the batches in hand, then what was read but not taken, then commit.
+            while not self._gave_up and (self._preparing or self._in_flight is not None):
+                await self._advance(wait=True)
+            if len(self._batcher) and not self._gave_up:
                 batch = self._batcher.take()
                 await self._write_until_durable(await self._sink.prepare(batch), batch.offsets)
         finally:
-            if in_flight is not None and not in_flight.task.done():
-                in_flight.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await in_flight.task
+            tasks: list[asyncio.Task[Any]] = []
+            if self._in_flight is not None:
+                tasks.append(self._in_flight.task)
+            tasks.extend(p.task for p in self._preparing)
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
-    async def _settle(self, flight: _InFlight[PreparedT]) -> None:
-        """Wait for the write in flight: commit it, or retry it (paused) until it is durable."""
-        try:
-            await flight.task
-        except Exception as exc:
-            self._failed(exc)
-            log.warning("batch not written; consumption paused, retrying", exc_info=True)
-            await self._write_until_durable(flight.prepared, flight.offsets, failed_once=True)
+    async def _advance(self, *, wait: bool) -> None:
+        """Move the batches in hand on: the write in flight settled, the oldest prepared batch
+        into PostgreSQL. ``wait``: until the oldest batch in preparation is in PostgreSQL (or,
+        with none being prepared, the write in flight settled).
+
+        The next write starts before the offsets of the one before are committed: those rows
+        are durable already, and the commit's round trip need not keep PostgreSQL idle.
+        """
+        flight = self._in_flight
+        preparing = self._preparing[0] if self._preparing else None
+        if wait and flight is not None:
+            await asyncio.wait([flight.task])
+        durable: dict[TopicPartitionKey, int] | None = None
+        if flight is not None and flight.task.done():
+            self._in_flight = None
+            exc = flight.task.exception()
+            if exc is None:
+                durable = flight.offsets
+            elif not isinstance(exc, Exception):
+                raise exc
+            else:
+                self._failed(exc)
+                log.warning("batch not written; consumption paused, retrying", exc_info=exc)
+                await self._write_until_durable(flight.prepared, flight.offsets, failed_once=True)
+        if self._gave_up:
             return
-        await self._durable(flight.offsets)
+        if self._in_flight is None and preparing is not None and (wait or preparing.task.done()):
+            self._preparing.popleft()
+            prepared = await preparing.task
+            task = asyncio.create_task(self._sink.write(prepared), name="batch-write")
+            self._in_flight = _InFlight(prepared, preparing.offsets, task)
+        if durable is not None:
+            await self._durable(durable)
 
     async def _write_until_durable(
         self,
@@ -187,7 +239,11 @@ class WriterLoop(Generic[PreparedT]):
         while True:
             if failed_once:
                 if self._give_up():
-                    log.error("shutting down with an unwritten batch; its offsets stay uncommitted")
+                    log.error(
+                        "shutting down with an unwritten batch; its offsets and those of the "
+                        "batches after it stay uncommitted"
+                    )
+                    self._gave_up = True
                     return
                 await self._wait_paused(delay)
                 delay = min(delay * 2, self._retry_max_seconds)

@@ -38,10 +38,10 @@ class WriterSettings(CommonSettings):
         description="Redis socket timeout: cache updates are pipelines nobody waits on.",
     )
     writer_prepare_processes: int = Field(
-        default=1,
+        default=2,
         ge=0,
         description="Processes that decode batches and build their rows while the writer's own "
-        "does the I/O (0: the writer's own does everything).",
+        "does the I/O, each a batch at a time (0: the writer's own does everything).",
     )
     writer_cache_min_interval_seconds: float = Field(
         default=0.5,

@@ -74,14 +74,23 @@ async def test_kill_9_during_a_replay_neither_loses_nor_duplicates(
     expected = {(s.cmc_id, s.ts) for s in replay_slice}
     assert len(messages) > len(expected)
     topic = prefixed(settings.topic_prefix, METRICS)
-    # Throttled, so that the crashes below land while samples are still arriving.
-    producing = asyncio.create_task(
-        produce(settings.kafka_bootstrap_servers, topic, messages, chunk=200, pause_seconds=0.15)
-    )
+    # One part of the replay per writer, produced (throttled) while that writer runs, so every
+    # crash lands while samples are still arriving; the last part only after the last crash. A
+    # writer restarted after kill -9 waits for the group to drop its predecessor (the session
+    # timeout): produced all at once, the replay could be stored before the later kills.
+    size = len(messages) // (KILLS + 1)
+    parts = [messages[i * size : (i + 1) * size] for i in range(KILLS)] + [messages[KILLS * size :]]
+    seen = {(s.cmc_id, s.ts) for part in parts[:-1] for _, s in part}
+    assert {(s.cmc_id, s.ts) for _, s in parts[-1]} - seen  # the last part has new samples
 
     rows_at_kills: list[int] = []
     orphans: list[int] = []  # the worker processes of the killed writers
     for cycle in range(KILLS):
+        producing = asyncio.create_task(
+            produce(
+                settings.kafka_bootstrap_servers, topic, parts[cycle], chunk=50, pause_seconds=0.1
+            )
+        )
         process = await _start_writer(settings, tmp_path / f"writer-{cycle}.log")
         try:
             if cycle == 0:
@@ -96,7 +105,8 @@ async def test_kill_9_during_a_replay_neither_loses_nor_duplicates(
             process.kill()
             await process.wait()
         rows_at_kills.append(await _rows(db))
-    await producing
+        await producing
+    await produce(settings.kafka_bootstrap_servers, topic, parts[-1])
     assert orphans  # the writers had workers (WRITER_PREPARE_PROCESSES), and they left too:
     await eventually(lambda: _none_alive(orphans), what="the workers of killed writers to exit")
 

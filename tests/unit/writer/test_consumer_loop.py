@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
@@ -36,6 +37,7 @@ class FakeConsumer:
     commits: list[int] = field(default_factory=list)
     paused_partitions: set[TopicPartition] = field(default_factory=set)
     polls_while_paused: int = 0
+    commit_seconds: float = 0.0
 
     def feed(self, start: int, count: int) -> None:
         self.pending.extend(Record(TOPIC, 0, offset) for offset in range(start, start + count))
@@ -64,29 +66,42 @@ class FakeConsumer:
         self.paused_partitions.difference_update(partitions)
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        await asyncio.sleep(self.commit_seconds)
         self.commits.append(offsets[TP])
 
 
 @dataclass
 class FakeSink:
-    """Writes take ``write_seconds``; the first ``failures`` attempts fail."""
+    """Writes take ``write_seconds``; the first ``failures`` attempts fail, and every attempt
+    at a batch ending at one of ``failing_ends``."""
 
     consumer: FakeConsumer
     write_seconds: float = 0.0
+    prepare_seconds: float = 0.0
     failures: int = 0
+    failing_ends: set[int] = field(default_factory=set)
     events: list[str] = field(default_factory=list)
     written: list[int] = field(default_factory=list)
+    # The offsets committed when each write started.
+    commits_at_write: dict[int, list[int]] = field(default_factory=dict)
+    preparing: int = 0
+    most_preparing: int = 0  # the most batches in preparation at once
 
     async def prepare(self, batch: Batch) -> Batch:
         self.events.append(f"prepare {batch.offsets[(TOPIC, 0)]}")
+        self.preparing += 1
+        self.most_preparing = max(self.most_preparing, self.preparing)
+        await asyncio.sleep(self.prepare_seconds)
+        self.preparing -= 1
         return batch
 
     async def write(self, prepared: Batch) -> None:
         end = prepared.offsets[(TOPIC, 0)]
         self.events.append(f"write {end}")
+        self.commits_at_write.setdefault(end, list(self.consumer.commits))
         await asyncio.sleep(self.write_seconds)
-        if self.failures:
-            self.failures -= 1
+        if self.failures or end in self.failing_ends:
+            self.failures = max(0, self.failures - 1)
             raise ConnectionRefusedError("PostgreSQL is down")
         # Nothing may be committed past a batch before that batch is durable.
         assert not self.consumer.commits or self.consumer.commits[-1] < end
@@ -102,6 +117,7 @@ def _loop(consumer: FakeConsumer, sink: FakeSink, **options: float) -> WriterLoo
         WriterMetrics(CollectorRegistry()),
         retry_max_seconds=options.get("retry_max_seconds", 0.05),
         shutdown_timeout_seconds=options.get("shutdown_timeout_seconds", 1.0),
+        prepare_depth=int(options.get("prepare_depth", 1)),
     )
 
 
@@ -126,6 +142,48 @@ async def test_the_next_batch_is_prepared_while_one_is_written_and_commits_stay_
     assert sink.written == [10, 20, 30, 40]
     # Batch 2 was decoded while batch 1 was still in PostgreSQL.
     assert sink.events.index("prepare 20") < sink.events.index("durable 10")
+
+
+async def test_polling_goes_on_while_batches_are_written() -> None:
+    consumer = FakeConsumer()
+    sink = FakeSink(consumer, write_seconds=0.5)
+    loop = _loop(consumer, sink)
+    consumer.feed(0, 25)
+    task = asyncio.create_task(loop.run())
+    # The third batch's messages are read while the first is still in PostgreSQL.
+    await _until(lambda: not consumer.pending)
+    assert sink.written == []
+    loop.request_stop()
+    await task
+    assert consumer.commits == [10, 20, 25]
+
+
+async def test_the_next_write_does_not_wait_for_the_commit_before_it() -> None:
+    consumer = FakeConsumer(commit_seconds=0.2)
+    sink = FakeSink(consumer)
+    loop = _loop(consumer, sink)
+    consumer.feed(0, 30)
+    task = asyncio.create_task(loop.run())
+    await _until(lambda: consumer.commits[-1:] == [30])
+    loop.request_stop()
+    await task
+    assert consumer.commits == [10, 20, 30]
+    # Batch 2 went to PostgreSQL while batch 1's offsets were being committed.
+    assert sink.commits_at_write[20] == []
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+async def test_batches_are_prepared_side_by_side_up_to_the_depth(depth: int) -> None:
+    consumer = FakeConsumer()
+    sink = FakeSink(consumer, prepare_seconds=0.2)
+    loop = _loop(consumer, sink, prepare_depth=depth)
+    consumer.feed(0, 40)
+    task = asyncio.create_task(loop.run())
+    await _until(lambda: consumer.commits[-1:] == [40])
+    loop.request_stop()
+    await task
+    assert sink.most_preparing == depth
+    assert consumer.commits == [10, 20, 30, 40] == sink.written
 
 
 async def test_a_failing_write_pauses_consumption_commits_nothing_and_resumes() -> None:
@@ -167,3 +225,16 @@ async def test_sigterm_during_an_outage_gives_up_after_the_grace_period() -> Non
     loop.request_stop()
     await asyncio.wait_for(task, 5)
     assert consumer.commits == []  # unwritten, so uncommitted: the next writer re-reads it
+
+
+async def test_giving_up_on_a_batch_commits_nothing_after_it() -> None:
+    consumer = FakeConsumer()
+    sink = FakeSink(consumer, failing_ends={10})
+    loop = _loop(consumer, sink, shutdown_timeout_seconds=0.2)
+    consumer.feed(0, 15)
+    task = asyncio.create_task(loop.run())
+    await _until(lambda: sink.events.count("write 10") >= 2 and not consumer.pending)
+    loop.request_stop()
+    await asyncio.wait_for(task, 5)
+    # The 5 read after the unwritten batch are not written either: their commit would cover it.
+    assert consumer.commits == [] and sink.written == []
