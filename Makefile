@@ -64,8 +64,9 @@ schemas: setup ## regenerate the checked-in JSON Schemas of the Kafka messages
 bench: infra-up ## every benchmark with its baseline, one table + bench/results/*.json (BENCH_ARGS=--quick ...)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
-bench-velocity: infra-up ## quotes/s of one velocity worker vs a bare Faust agent, state memory
+bench-velocity: infra-up ## quotes/s of one velocity worker vs a bare Faust agent, 2 workers vs 1, state memory
 	$(PY) bench/velocity_throughput.py
+	$(PY) bench/velocity_scaleout.py
 	$(PY) bench/velocity_state_memory.py
 
 bench-writer: infra-up ## rows/s of one writer vs raw COPY into the same table, same run
