@@ -53,6 +53,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CoordinatorLoadInProgressError, GroupCoordinatorNotAvailableError
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
@@ -300,7 +301,11 @@ async def writer_run(settings: WriterSettings, dsn: str, total: int) -> tuple[Ru
 
 async def _durable_messages(admin: AIOKafkaAdminClient, group: str) -> int:
     """Messages the group has committed: their rows are durable (offsets start at 0)."""
-    committed = await admin.list_consumer_group_offsets(group)
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    except (GroupCoordinatorNotAvailableError, CoordinatorLoadInProgressError):
+        # A broker just started has no offsets topic yet: nothing is committed so far.
+        return 0
     return sum(max(0, position.offset) for position in committed.values())
 
 
