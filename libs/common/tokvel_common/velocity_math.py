@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 import statistics
 import struct
 import sys
@@ -97,6 +98,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from fractions import Fraction
+from itertools import repeat
 from typing import Final, NamedTuple
 
 from tokvel_common.events import Number, Trend, WindowName
@@ -731,11 +733,21 @@ def _finite_float(value: Number | None) -> float | None:
     return as_float if math.isfinite(as_float) else None
 
 
+def _median_of_sorted(values: Sequence[float]) -> float:
+    """``statistics.median`` of values already sorted: the same arithmetic."""
+    n = len(values)
+    if n == 0:
+        raise statistics.StatisticsError("no median for empty data")
+    middle = n // 2
+    return values[middle] if n % 2 else (values[middle - 1] + values[middle]) / 2
+
+
 def robust_z_score(value: float, history: Sequence[float]) -> float:
     """Modified z-score of ``value`` against ``history`` (median/MAD; see module docstring)."""
-    median = statistics.median(history)
-    deviations = [abs(point - median) for point in history]
-    mad = statistics.median(deviations)
+    # Runs for every quote, on 60 points: one sort each, and abs() mapped in C.
+    median = _median_of_sorted(sorted(history))
+    deviations = sorted(map(abs, map(operator.sub, history, repeat(median))))
+    mad = _median_of_sorted(deviations)
     if mad > 0:
         return _MAD_SCALE * (value - median) / mad
     mean_ad = math.fsum(deviations) / len(deviations)

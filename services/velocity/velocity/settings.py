@@ -45,7 +45,7 @@ class VelocitySettings(CommonSettings):
     velocity_batch_size: int = Field(
         # On a backlog a batch is what arrived within VELOCITY_BATCH_WITHIN_SECONDS, up to this;
         # each token's state is written, and its newest sample published, once per batch.
-        default=4000,
+        default=8000,
         ge=1,
         description="At most this many quotes are applied as one batch...",
     )
