@@ -21,6 +21,7 @@ import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.databases import create_database, drop_database, with_database
 from tokvel_common.db.migrate import apply_migrations
 from tokvel_common.topics import TOPICS, prefixed
 
@@ -41,16 +42,13 @@ def with_path(url: str, path: str) -> str:
 
 
 @asynccontextmanager
-async def scratch_database(admin_dsn: str, label: str) -> AsyncIterator[str]:
+async def scratch_database(
+    admin_dsn: str, label: str, *, prefix: str = "tokvel_bench_"
+) -> AsyncIterator[str]:
     """A migrated database of its own for one run (its DSN), dropped at the end."""
-    name = f"tokvel_bench_{label}_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin_dsn)
+    name = await create_database(admin_dsn, prefix=f"{prefix}{label}_")
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = with_path(admin_dsn, f"/{name}")
-    try:
+        dsn = with_database(admin_dsn, name)
         conn = await asyncpg.connect(dsn)
         try:
             await apply_migrations(conn)
@@ -58,11 +56,7 @@ async def scratch_database(admin_dsn: str, label: str) -> AsyncIterator[str]:
             await conn.close()
         yield dsn
     finally:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        await drop_database(admin_dsn, name)
 
 
 @asynccontextmanager

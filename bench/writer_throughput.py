@@ -44,11 +44,9 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -60,15 +58,14 @@ from redis.asyncio import Redis
 # The recorded-data helpers are the tests' (bench and tests replay the same real samples).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import say, scratch_database, with_path
 from bench.report import Figure, write_figures
 from tests.support.kafka import produce, tokvel_topics
-from tests.support.recorded import metrics_sample, recorded_rows
+from tests.support.recorded import metric_record, metrics_sample, recorded_rows
 from tests.support.writer import environment, free_port
-from tokvel_common.db.codecs import as_numeric
-from tokvel_common.db.migrate import apply_migrations
 from tokvel_common.events import MetricsSample
 from tokvel_common.topics import METRICS, prefixed
-from writer.repository import METRIC_COLUMNS, copy_line, details_json
+from writer.repository import METRIC_COLUMNS, copy_line
 from writer.settings import WriterSettings
 
 START, END = "2017-08-10T00:00:00Z", "2017-08-18T00:00:00Z"  # the whole recorded week
@@ -81,69 +78,6 @@ BATCH_SECONDS = re.compile(rb"^tokvel_writer_batch_latency_seconds_sum (\S+)$", 
 PROGRESS_SECONDS = 0.05
 EMPTY_TABLES = "TRUNCATE token_metrics, token_latest"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def say(message: str) -> None:
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
-
-
-def _with_path(url: str, path: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=path))
-
-
-@asynccontextmanager
-async def scratch_database(admin_dsn: str, prefix: str) -> AsyncIterator[str]:
-    name = f"{prefix}{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = _with_path(admin_dsn, f"/{name}")
-    try:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await apply_migrations(conn)
-        finally:
-            await conn.close()
-        yield dsn
-    finally:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-
-def baseline_record(token_id: int, s: MetricsSample) -> tuple[Any, ...]:
-    """One token_metrics row as column values, in METRIC_COLUMNS order: numeric columns as the
-    exact ``Decimal`` of ``as_numeric`` (asyncpg's binary encoder's own type), doubles as
-    floats."""
-    return (
-        token_id,
-        s.ts,
-        s.cmc_rank,
-        as_numeric(s.price_usd),
-        as_numeric(s.market_cap_usd),
-        as_numeric(s.volume_24h_usd),
-        as_numeric(s.circulating_supply),
-        as_numeric(s.total_supply),
-        as_numeric(s.max_supply),
-        as_numeric(s.percent_change_1h),
-        as_numeric(s.percent_change_24h),
-        as_numeric(s.percent_change_7d),
-        as_numeric(s.velocity),
-        s.velocity_1h,
-        s.velocity_4h,
-        s.velocity_12h,
-        as_numeric(s.velocity_24h),
-        s.velocity_7d,
-        as_numeric(s.data_quality_score),
-        s.trend,
-        s.quality_flags,
-        details_json(s),
-    )
 
 
 async def prepare_table(conn: asyncpg.Connection, samples: list[MetricsSample]) -> dict[int, int]:
@@ -235,7 +169,7 @@ async def _timed_copy(
 
 async def raw_copy(dsn: str, samples: list[MetricsSample], ids: dict[int, int]) -> Run:
     """The baseline: one copy_records_to_table of prebuilt rows into token_metrics."""
-    records = [baseline_record(ids[s.cmc_id], s) for s in samples]
+    records = [metric_record(ids[s.cmc_id], s) for s in samples]
     return await _timed_copy(
         dsn,
         len(records),
@@ -377,7 +311,7 @@ async def measure(
 ) -> Figure:
     """Raw COPYs and writer runs in turn (raw, writer, raw, ... raw), on the same empty table;
     the medians count."""
-    redis_url = _with_path(base.redis_url.get_secret_value(), f"/{isolation.redis_db}")
+    redis_url = with_path(base.redis_url.get_secret_value(), f"/{isolation.redis_db}")
     prefix = f"{base.topic_prefix}bench-{uuid.uuid4().hex[:8]}."
     raws: list[Run] = []
     texts: list[Run] = []
@@ -387,7 +321,7 @@ async def measure(
     try:
         async with (
             scratch_database(
-                base.database_url.get_secret_value(), isolation.database_prefix
+                base.database_url.get_secret_value(), "writer", prefix=isolation.database_prefix
             ) as dsn,
             tokvel_topics(base.kafka_bootstrap_servers, prefix),
         ):

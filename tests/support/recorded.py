@@ -14,8 +14,10 @@ from typing import Any
 
 import orjson
 
+from tokvel_common.db.codecs import as_numeric
 from tokvel_common.events import MetricsSample
 from tokvel_common.velocity_math import compute_velocity
+from writer.repository import details_json
 
 _TS_PREFIX = b'{"ts":"'
 
@@ -73,3 +75,33 @@ def metrics_sample(row: dict[str, Any]) -> MetricsSample:
 
 def recorded_samples(path: Path, start: str, end: str) -> list[MetricsSample]:
     return [metrics_sample(row) for row in recorded_rows(path, start, end)]
+
+
+def metric_record(token_id: int, s: MetricsSample) -> tuple[Any, ...]:
+    """One token_metrics row as column values, in ``writer.repository.METRIC_COLUMNS`` order:
+    numeric columns as the exact ``Decimal`` of ``as_numeric`` (asyncpg's binary encoder's own
+    type), doubles as floats, ``details`` as the writer writes it."""
+    return (
+        token_id,
+        s.ts,
+        s.cmc_rank,
+        as_numeric(s.price_usd),
+        as_numeric(s.market_cap_usd),
+        as_numeric(s.volume_24h_usd),
+        as_numeric(s.circulating_supply),
+        as_numeric(s.total_supply),
+        as_numeric(s.max_supply),
+        as_numeric(s.percent_change_1h),
+        as_numeric(s.percent_change_24h),
+        as_numeric(s.percent_change_7d),
+        as_numeric(s.velocity),
+        s.velocity_1h,
+        s.velocity_4h,
+        s.velocity_12h,
+        as_numeric(s.velocity_24h),
+        s.velocity_7d,
+        as_numeric(s.data_quality_score),
+        s.trend,
+        s.quality_flags,
+        details_json(s),
+    )

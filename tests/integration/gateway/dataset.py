@@ -17,17 +17,18 @@ from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
 
+from tests.support.recorded import metric_record
 from tokvel_common.cache import TokenMetadata, TokenSnapshot
 from tokvel_common.db.codecs import as_numeric
 from tokvel_common.events import MetricsSample, WindowCoverage
 from tokvel_common.paths import SHARED_DATA_DIR
+from writer.repository import METRIC_COLUMNS
 
 FIVE_MINUTE_FILE = SHARED_DATA_DIR / "cmc-web-2017-08-10_5min_top200.jsonl.gz"
 HOURLY_FILE = SHARED_DATA_DIR / "cmc-web-2017-08_hourly.jsonl.gz"
@@ -37,30 +38,6 @@ END = datetime(2017, 8, 12, tzinfo=UTC)
 PARTITION_FIRST_DAY = date(2017, 8, 3)
 PARTITION_DAYS = 12  # 08-03 .. 08-14: more partitions than any query needs, so pruning shows
 
-METRIC_COLUMNS = (
-    "token_id",
-    "timestamp",
-    "cmc_rank",
-    "price_usd",
-    "market_cap_usd",
-    "volume_24h_usd",
-    "circulating_supply",
-    "total_supply",
-    "max_supply",
-    "percent_change_1h",
-    "percent_change_24h",
-    "percent_change_7d",
-    "velocity",
-    "velocity_1h",
-    "velocity_4h",
-    "velocity_12h",
-    "velocity_24h",
-    "velocity_7d",
-    "trend",
-    "data_quality_score",
-    "quality_flags",
-    "details",
-)
 WINDOWS = {"1h": timedelta(hours=1), "4h": timedelta(hours=4), "12h": timedelta(hours=12)}
 
 
@@ -177,37 +154,6 @@ def _sample(row: dict[str, Any], state: _TokenState, step_minutes: int) -> Metri
         quality_flags=flags,
         polled_at=ts,
         schema_version=1,
-    )
-
-
-def metric_record(token_id: int, s: MetricsSample) -> tuple[Any, ...]:
-    details = {
-        "coverage": {k: v.model_dump() for k, v in s.coverage.items()},
-        "trend_recent_avg": s.trend_recent_avg,
-    }
-    return (
-        token_id,
-        s.ts,
-        s.cmc_rank,
-        as_numeric(s.price_usd),
-        as_numeric(s.market_cap_usd),
-        as_numeric(s.volume_24h_usd),
-        as_numeric(s.circulating_supply),
-        as_numeric(s.total_supply),
-        as_numeric(s.max_supply),
-        as_numeric(s.percent_change_1h),
-        as_numeric(s.percent_change_24h),
-        as_numeric(s.percent_change_7d),
-        Decimal(repr(s.velocity)),
-        s.velocity_1h,
-        s.velocity_4h,
-        s.velocity_12h,
-        Decimal(repr(s.velocity_24h)),
-        s.velocity_7d,
-        s.trend,
-        Decimal(repr(s.data_quality_score)),
-        s.quality_flags,
-        orjson.dumps(details).decode(),
     )
 
 

@@ -10,12 +10,9 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.integration.gateway.conftest import Api, create_key, gateway_settings, serve
-from tests.integration.gateway.dataset import (
-    METRIC_COLUMNS,
-    Dataset,
-    metric_record,
-    upsert_latest,
-)
+from tests.integration.gateway.dataset import Dataset, upsert_latest
+from tests.support.recorded import metric_record
+from writer.repository import METRIC_COLUMNS
 
 pytestmark = pytest.mark.integration
 
