@@ -8,11 +8,13 @@ from typing import Final, cast
 import faust
 from aiokafka import AIOKafkaProducer
 from faust.transport.drivers.aiokafka import Producer as FaustKafkaProducer
+from faust.types.transports import TransportT
 from mode import CrashingSupervisor
 from prometheus_client import CollectorRegistry
 
 from tokvel_common import topics
 from velocity.agents import BatchProcessor, register_agents
+from velocity.consumer import RebalanceSafeTransport
 from velocity.metrics import StateSizeCollector, VelocityMetrics
 from velocity.publish import RecordPublisher
 from velocity.settings import VelocitySettings
@@ -34,6 +36,10 @@ class VelocityApp(faust.App):
     state_table: StateTable
     processor: BatchProcessor
     registry: CollectorRegistry
+
+    def _new_transport(self) -> TransportT:
+        # Faust's aiokafka transport, with a consumer safe across rebalances (consumer.py).
+        return RebalanceSafeTransport(self.conf.broker_consumer, self)
 
 
 def tune_garbage_collector() -> None:

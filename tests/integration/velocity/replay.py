@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache
@@ -254,6 +255,19 @@ class OutputReader:
                         self._add(self._names[tp.topic], record.key, record.value)
         return self.output
 
+    async def read_complete(
+        self, expected: Expectations, seconds: float, workers: Sequence[Worker]
+    ) -> Output:
+        """Read until the output is complete; if it never is, fail saying what is missing
+        and what the workers logged (a stall is otherwise undiagnosable after the fact)."""
+        try:
+            return await self.read_until(complete(expected), seconds)
+        except TimeoutError:
+            raise AssertionError(
+                f"output incomplete after {seconds:.0f} s: {missing(self.output, expected)}\n"
+                + "\n".join(f"--- {w.name} log ---\n{w.log_tail(20_000)}" for w in workers)
+            ) from None
+
     def _add(self, kind: str, key: bytes | None, value: bytes | None) -> None:
         assert value is not None
         if kind in ("metrics", "latest"):
@@ -280,6 +294,18 @@ def complete(expected: Expectations) -> Any:
         )
 
     return done
+
+
+def missing(output: Output, expected: Expectations) -> str:
+    """What a stalled output lacks, for the failure message."""
+    absent = sorted(set(expected.samples) - set(output.samples))
+    stale = {k: (output.latest.get(k), v) for k, v in expected.latest.items()
+             if output.latest.get(k) != v}  # fmt: skip
+    return (
+        f"{len(absent)} of {len(expected.samples)} samples absent (first: {absent[:5]}); "
+        f"{len(output.dead_letters)} of {sum(expected.dead_letters.values())} dead letters; "
+        f"{len(stale)} tokens' latest differ (first, got vs expected: {list(stale.items())[:5]})"
+    )
 
 
 def assert_output_matches(output: Output, expected: Expectations) -> None:

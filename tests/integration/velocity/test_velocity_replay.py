@@ -18,7 +18,6 @@ from tests.integration.velocity.replay import (
     OutputReader,
     Worker,
     assert_output_matches,
-    complete,
     delete_topics,
     expectations,
     publish,
@@ -59,7 +58,7 @@ async def test_one_worker_reproduces_the_reference_exactly(
     await worker.start()
     try:
         async with OutputReader(settings.kafka_bootstrap_servers, prefix) as reader:
-            output = await reader.read_until(complete(expected), REPLAY_SECONDS)
+            output = await reader.read_complete(expected, REPLAY_SECONDS, [worker])
             assert_output_matches(output, expected)
             # Each sample was published once: nothing was redelivered in an uninterrupted run.
             assert all(len(copies) == 1 for copies in output.samples.values())
@@ -94,7 +93,7 @@ async def test_kill_9_during_the_replay_changes_no_output(
             await worker.kill()
         await worker.start()
         try:
-            output = await reader.read_until(complete(expected), REPLAY_SECONDS)
+            output = await reader.read_complete(expected, REPLAY_SECONDS, [worker])
             # The restarted worker resumed from its changelog and committed offsets: the
             # distinct samples, and so every window, are those of an uninterrupted run.
             assert_output_matches(output, expected)
@@ -127,7 +126,7 @@ async def test_two_workers_share_the_partitions_and_agree_with_one(
             await second.start()
             await wait_ready(second)
             await publish(bootstrap, prefix, messages[half:])
-            output = await reader.read_until(complete(expected), REPLAY_SECONDS)
+            output = await reader.read_complete(expected, REPLAY_SECONDS, [first, second])
             assert_output_matches(output, expected)
         for worker in (first, second):
             consumed = await worker.metric("velocity_quotes_consumed_total")
