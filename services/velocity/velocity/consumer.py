@@ -13,9 +13,11 @@ never processed. Seen here: a worker keeping partitions through a rebalance, und
 silently skipped 3 384 messages of one partition (the two-worker replay test stalled).
 
 So a fetch is used only if no rebalance and no seek happened while it was waiting. Otherwise
-its records are dropped and the partitions are sought to their committed offsets again (nothing
-is read until that seek succeeded): what the dropped records held is read again, and whatever
-of it was already applied is recognised by the token state (agents.py) and skipped.
+its records of the input topic are dropped (the changelog's belong to table recovery, which
+positions those partitions itself) and the partitions are sought to their committed offsets
+again (nothing is read until that seek succeeded): what the dropped records held is read
+again, and whatever of it was already applied is recognised by the token state (agents.py)
+and skipped.
 """
 
 from __future__ import annotations
@@ -46,15 +48,25 @@ class RebalanceSafeConsumer(Consumer):
             return None, None  # nothing is read until the dropped records can be read again
         generation, seeks = self.app.consumer_generation_id, self._seeks
         records, active_partitions = await super()._wait_next_records(timeout)
-        if records and (generation != self.app.consumer_generation_id or seeks != self._seeks):
-            log.info(
-                "records fetched across a rebalance discarded; reading again from the commit",
-                extra={"partitions": len(records), "records": sum(map(len, records.values()))},
-            )
-            self._seek_owed = True
-            await self._seek_to_committed()
-            return None, active_partitions
-        return records, active_partitions
+        if not records or (generation == self.app.consumer_generation_id and seeks == self._seeks):
+            return records, active_partitions
+        # Changelog records are table recovery's: it positions and tracks those partitions
+        # itself, and a seek to the committed offsets does not move them (nothing is committed
+        # there), so dropping them would lose them.
+        changelogs = self.app.tables.changelog_topics
+        kept = {tp: batch for tp, batch in records.items() if tp.topic in changelogs}
+        if len(kept) == len(records):
+            return records, active_partitions
+        log.info(
+            "records fetched across a rebalance discarded; reading again from the commit",
+            extra={
+                "partitions": len(records) - len(kept),
+                "records": sum(len(batch) for tp, batch in records.items() if tp not in kept),
+            },
+        )
+        self._seek_owed = True
+        await self._seek_to_committed()
+        return kept or None, active_partitions
 
     async def _seek_to_committed(self) -> bool:
         try:

@@ -14,13 +14,15 @@ from typing import Any
 
 import pytest
 from faust.transport import consumer as faust_consumer
+from faust.types import TP
 
 from velocity.app import create_app
 from velocity.consumer import RebalanceSafeConsumer
 from velocity.settings import VelocitySettings
 
-RECORDS = {"tp-3": ["record 6444", "record 6445"]}
-ACTIVE = {"tp-3"}
+RAW = TP("cmc.quotes.raw", 3)
+RECORDS = {RAW: ["record 6444", "record 6445"]}
+ACTIVE = {RAW}
 
 
 class FaustStandIn:
@@ -30,6 +32,7 @@ class FaustStandIn:
         self.while_waiting = while_waiting
         self.seeks = 0
         self.fetches = 0
+        self.records: dict[TP, list[str]] = RECORDS
         self.failing_seeks = 0  # how many of the next seeks raise
 
 
@@ -52,7 +55,7 @@ def stand_in(
     async def wait_next_records(consumer: RebalanceSafeConsumer, timeout: float) -> Any:  # noqa: ASYNC109
         faust.fetches += 1
         await faust.while_waiting(consumer)
-        return RECORDS, ACTIVE
+        return faust.records, ACTIVE
 
     async def perform_seek(consumer: RebalanceSafeConsumer) -> None:
         faust.seeks += 1
@@ -127,3 +130,19 @@ async def test_until_the_seek_succeeds_nothing_is_read(
     assert (faust.fetches, faust.seeks) == (1, 2)
     assert await consumer._wait_next_records(1.0) == (RECORDS, ACTIVE)  # sought, then read
     assert (faust.fetches, faust.seeks) == (2, 3)
+
+
+async def test_changelog_records_across_a_rebalance_are_left_to_table_recovery(
+    consumer: RebalanceSafeConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A seek to the committed offsets does not move the changelog's partitions (recovery
+    # positions them), so its records must not be dropped: recovery would wait for them.
+    (changelog,) = consumer.app.tables.changelog_topics
+    recovered = {TP(changelog, 3): ["state of token 1"]}
+    faust = stand_in(monkeypatch, rebalance)
+    faust.records = {**RECORDS, **recovered}
+    assert await consumer._wait_next_records(1.0) == (recovered, ACTIVE)
+    assert faust.seeks == 1
+    faust.records = recovered
+    assert await consumer._wait_next_records(1.0) == (recovered, ACTIVE)
+    assert faust.seeks == 1
